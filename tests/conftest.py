@@ -1,0 +1,75 @@
+"""Shared pytest fixtures: where the read-only project data (../shared) lives, and a fast thread setting."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("MSAM_SHARED_DIR", REPO_ROOT.parent / "shared"))
+REFERENCE_DIR = SHARED_DIR / "reference"
+DATA_DIR = SHARED_DIR / "data"
+SCHEMA_DIR = SHARED_DIR / "schema"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (set MSAM_SHARED_DIR to the folder holding reference/ and data/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """Folder with the upstream reference fixtures (skips when absent)."""
+    return _require(REFERENCE_DIR, "reference fixtures")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Folder with the real sample volumes (skips when absent)."""
+    return _require(DATA_DIR, "real sample data")
+
+
+@pytest.fixture(scope="session")
+def schema_dir() -> Path:
+    """Folder with the MONAI bundle metadata schema (skips when absent)."""
+    return _require(SCHEMA_DIR, "bundle metadata schema")
+
+
+def msam_kwargs_from_reference_config(config: dict) -> dict:
+    """Translate the reference fixture's ``config`` dict into :class:`MSAM` constructor arguments."""
+    return dict(
+        image_size=config["image_size"],
+        patch_size=config["patch_size"],
+        in_channels=config["in_chans"],
+        encoder_embed_dim=config["encoder_embed_dim"],
+        encoder_depth=config["encoder_depth"],
+        encoder_num_heads=config["encoder_num_heads"],
+        encoder_mlp_ratio=config["encoder_mlp_ratio"],
+        encoder_global_attn_indexes=tuple(config["encoder_global_attn_indexes"]),
+        encoder_window_size=config["encoder_window_size"],
+        prompt_embed_dim=config["prompt_embed_dim"],
+        mask_in_chans=config["mask_in_chans"],
+        decoder_transformer_depth=config["decoder_transformer_depth"],
+        decoder_num_heads=config["decoder_transformer_num_heads"],
+        decoder_mlp_dim=config["decoder_transformer_mlp_dim"],
+        decoder_attention_downsample_rate=config["decoder_attention_downsample_rate"],
+        num_multimask_outputs=config["decoder_num_multimask_outputs"],
+        iou_head_depth=config["decoder_iou_head_depth"],
+        iou_head_hidden_dim=config["decoder_iou_head_hidden_dim"],
+        mea_num_heads=config["mea_num_heads"],
+        mea_mlp_ratio=config["mea_mlp_dim"] / config["mea_channels"],
+        mea_num_blocks=config["mea_num_attention_blocks"],
+        lora_rank=config["lora_rank"],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_fixture(reference_dir: Path) -> dict:
+    """The upstream tiny-model fixture (weights, inputs, float32 and float64 outputs)."""
+    return torch.load(reference_dir / "msam_tiny_fixture.pt", weights_only=True)
