@@ -1,0 +1,25 @@
+"""M-SAM networks: image encoder, prompt encoder, mask decoder, MEA, LoRA, the model and checkpoint import."""
+
+from .image_encoder import ImageEncoderViT3D
+from .lora import LoRAQKV
+from .mask_decoder import MaskDecoder3D
+from .mea import MaskEnhancedAdapter
+from .msam import MSAM, count_parameters, msam_parameter_groups, set_encoder_trainable
+from .checkpoint import CheckpointError, LoadReport, load_pretrained, read_checkpoint
+from .prompt_encoder import PromptEncoder3D
+
+__all__ = [
+    "MSAM",
+    "CheckpointError",
+    "LoadReport",
+    "load_pretrained",
+    "read_checkpoint",
+    "ImageEncoderViT3D",
+    "LoRAQKV",
+    "MaskDecoder3D",
+    "MaskEnhancedAdapter",
+    "PromptEncoder3D",
+    "count_parameters",
+    "msam_parameter_groups",
+    "set_encoder_trainable",
+]

@@ -1,0 +1,206 @@
+"""The M-SAM model: SAM-Med3D (encoder, prompt encoder, decoder) plus LoRA on the encoder and the Mask-Enhanced Adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .image_encoder import ImageEncoderViT3D
+from .lora import LoRAQKV
+from .mask_decoder import MaskDecoder3D
+from .mea import MaskEnhancedAdapter
+from .prompt_encoder import PromptEncoder3D
+
+ENCODER_TRAINABLE_MODES = ("lora", "frozen", "full")
+
+
+class MSAM(nn.Module):
+    """M-SAM for 3-D lesion segmentation from clicks; the default arguments build the paper's full-size model.
+
+    Defaults: ViT-B encoder (768 wide, 12 blocks, 12 heads, global blocks 2/5/8/11, window 14), prompt dim 384, 128^3
+    input, MEA on, LoRA rank 16 on q and v: 118,244,080 parameters of which 25,319,152 (21.41 %) are trainable. The
+    released code uses ``lora_rank=4`` (117,801,712 / 24,876,784). Ablations (paper Table 3): ``use_mea=False`` is
+    SAM-Med3D's decoder input ``image + dense``; ``lora_rank=0, encoder_trainable="frozen"`` freezes the encoder;
+    ``lora_rank=0, encoder_trainable="full"`` fine-tunes it entirely. ``rel_pos_layout="sam-med3d"`` keeps the
+    upstream broadcasting of the relative-position terms that the pretrained weights expect; ``"decomposed"`` is the
+    textbook MViTv2 form (for training from scratch only).
+
+    Contract: :meth:`encode` runs once per image, :meth:`decode` once per click, :meth:`forward` does both.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 128,
+        patch_size: int = 16,
+        in_channels: int = 1,
+        encoder_embed_dim: int = 768,
+        encoder_depth: int = 12,
+        encoder_num_heads: int = 12,
+        encoder_mlp_ratio: float = 4.0,
+        encoder_global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
+        encoder_window_size: int = 14,
+        prompt_embed_dim: int = 384,
+        mask_in_chans: int = 16,
+        decoder_transformer_depth: int = 2,
+        decoder_num_heads: int = 8,
+        decoder_mlp_dim: int = 2048,
+        decoder_attention_downsample_rate: int = 2,
+        num_multimask_outputs: int = 3,
+        iou_head_depth: int = 3,
+        iou_head_hidden_dim: int = 256,
+        use_mea: bool = True,
+        mea_num_heads: int = 6,
+        mea_mlp_ratio: float = 4.0,
+        mea_num_blocks: int = 1,
+        lora_rank: int = 16,
+        encoder_trainable: str = "lora",
+        rel_pos_layout: str = "sam-med3d",
+    ) -> None:
+        super().__init__()
+        grid = image_size // patch_size
+        self.image_size = image_size
+        self.embedding_size = (grid, grid, grid)
+        self.low_res_size = (4 * grid,) * 3
+        self.image_encoder = ImageEncoderViT3D(
+            image_size=image_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            embed_dim=encoder_embed_dim,
+            depth=encoder_depth,
+            num_heads=encoder_num_heads,
+            mlp_ratio=encoder_mlp_ratio,
+            out_chans=prompt_embed_dim,
+            global_attn_indexes=encoder_global_attn_indexes,
+            window_size=encoder_window_size,
+            rel_pos_layout=rel_pos_layout,
+        )
+        self.prompt_encoder = PromptEncoder3D(
+            embed_dim=prompt_embed_dim,
+            image_embedding_size=self.embedding_size,
+            input_image_size=(image_size,) * 3,
+            mask_in_chans=mask_in_chans,
+        )
+        self.mask_decoder = MaskDecoder3D(
+            transformer_dim=prompt_embed_dim,
+            num_multimask_outputs=num_multimask_outputs,
+            transformer_depth=decoder_transformer_depth,
+            transformer_num_heads=decoder_num_heads,
+            transformer_mlp_dim=decoder_mlp_dim,
+            attention_downsample_rate=decoder_attention_downsample_rate,
+            iou_head_depth=iou_head_depth,
+            iou_head_hidden_dim=iou_head_hidden_dim,
+        )
+        self.mea = (
+            MaskEnhancedAdapter(
+                prompt_embed_dim,
+                mea_num_heads,
+                mea_mlp_ratio,
+                self.embedding_size,
+                mea_num_blocks,
+                rel_pos_layout=rel_pos_layout,
+            )
+            if use_mea
+            else None
+        )
+        self.lora_rank = lora_rank
+        if lora_rank > 0:
+            for block in self.image_encoder.blocks:
+                block.attn.qkv = LoRAQKV(block.attn.qkv, lora_rank)
+        set_encoder_trainable(self, encoder_trainable)
+
+    @property
+    def use_mea(self) -> bool:
+        return self.mea is not None
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Image embedding ``[B, 384, 8, 8, 8]`` of ``[B, 1, 128, 128, 128]`` input; compute once per image."""
+        return self.image_encoder(image)
+
+    def prepare_embedding(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image state for :meth:`decode`: the embedding plus the MEA's image-only stage (skips it on every click)."""
+        state = {"embedding": embedding}
+        if self.mea is not None:
+            state.update(self.mea.prepare_image(embedding))
+        return state
+
+    def decode(
+        self,
+        embedding: torch.Tensor | dict[str, torch.Tensor],
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        low_res_mask: torch.Tensor | None = None,
+        multimask_output: bool = False,
+        return_iou: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Low-res logits ``[B, 1, 32, 32, 32]`` for clicks ``points`` ``[B, N, 3]`` (voxel ``(d, h, w)`` in the 128^3 input).
+
+        ``point_labels`` ``[B, N]``: 1 positive, 0 negative, -1 padding. ``low_res_mask`` is the previous iteration's raw
+        logits (``None`` means no mask prompt). ``embedding`` is :meth:`encode`'s output or :meth:`prepare_embedding`'s.
+        """
+        state = embedding if isinstance(embedding, dict) else {"embedding": embedding}
+        image_embedding = state["embedding"]
+        batch = image_embedding.shape[0]
+        if points is not None:
+            if points.ndim != 3 or points.shape[0] != batch or points.shape[-1] != 3:
+                raise ValueError(f"points must be [B={batch}, N, 3] voxel indices, got {list(points.shape)}")
+            if point_labels is None or tuple(point_labels.shape) != tuple(points.shape[:2]):
+                got = None if point_labels is None else list(point_labels.shape)
+                raise ValueError(f"point_labels must be [B, N] = {list(points.shape[:2])}, got {got}")
+        sparse, dense = self.prompt_encoder(points, point_labels, low_res_mask, batch)
+        if self.mea is not None:
+            prepared = state if "image_conv" in state else None
+            image_tokens = self.mea(image_embedding, dense, prepared=prepared)
+        else:
+            image_tokens = image_embedding + dense
+        masks, iou = self.mask_decoder(image_tokens, self.prompt_encoder.get_dense_pe(), sparse, multimask_output)
+        return (masks, iou) if return_iou else masks
+
+    def upsample(self, low_res_logits: torch.Tensor) -> torch.Tensor:
+        """Trilinear (``align_corners=False``) upsampling of low-res logits to the input resolution."""
+        return F.interpolate(low_res_logits, size=(self.image_size,) * 3, mode="trilinear", align_corners=False)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        low_res_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Full-resolution logits ``[B, 1, 128, 128, 128]``; a bare image (no prompt at all) also works."""
+        return self.upsample(self.decode(self.encode(image), points, point_labels, low_res_mask))
+
+
+def set_encoder_trainable(model: MSAM, mode: str) -> None:
+    """Apply a freezing scheme: ``"lora"`` (only LoRA in the encoder), ``"frozen"`` or ``"full"``; the rest trains."""
+    if mode not in ENCODER_TRAINABLE_MODES:
+        raise ValueError(f"encoder_trainable must be one of {ENCODER_TRAINABLE_MODES}, got {mode!r}")
+    if mode == "lora" and model.lora_rank <= 0:
+        raise ValueError("encoder_trainable='lora' needs lora_rank > 0 (use 'frozen' or 'full' without LoRA)")
+    for name, param in model.named_parameters():
+        if name.startswith("image_encoder."):
+            is_lora = ".linear_a_" in name or ".linear_b_" in name
+            param.requires_grad_(mode == "full" or (mode == "lora" and is_lora))
+        else:
+            param.requires_grad_(True)
+    model.encoder_trainable = mode
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (buffers excluded)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def msam_parameter_groups(
+    model: MSAM, lr: float = 8e-4, prompt_decoder_lr_scale: float = 0.1
+) -> list[dict[str, object]]:
+    """AdamW groups as in M-SAM: encoder (LoRA) and MEA at ``lr``; prompt encoder and mask decoder at ``lr * 0.1``."""
+    main, scaled = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (scaled if name.startswith(("prompt_encoder.", "mask_decoder.")) else main).append(param)
+    groups = [{"params": main, "lr": lr}, {"params": scaled, "lr": lr * prompt_decoder_lr_scale}]
+    return [g for g in groups if g["params"]]
