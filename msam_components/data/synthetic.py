@@ -1,0 +1,314 @@
+"""Small synthetic tumour datasets in the official layouts (KiTS19, BraTS 2021, MSD, nnU-Net-like) for demos and tests.
+
+Each case is generated from its own seeded generator (``seed``, case index), so a case's content does not depend on
+how many cases are written. Run ``python -m msam_components.data.synthetic --layout kits19 --out DIR`` to write one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["make_brats21_like", "make_imagestr_like", "make_kits19_like", "make_msd_like", "main"]
+
+PathLike = str | os.PathLike
+Shape = tuple[int, int, int]
+
+# Relative intensities (before z-scoring in the brain) of brain, ventricles, edema, enhancing tumour and necrosis.
+_BRATS_CONTRAST: dict[str, tuple[float, float, float, float, float]] = {
+    "flair": (1.0, 0.3, 1.8, 1.6, 1.35),
+    "t1": (1.0, 0.3, 0.8, 0.9, 0.6),
+    "t1ce": (1.0, 0.4, 0.85, 2.0, 0.5),
+    "t2": (1.0, 2.0, 1.8, 1.5, 2.0),
+}
+
+
+def _check_shape(shape: Sequence[int], minimum: int = 16) -> Shape:
+    """Validate a 3D volume shape."""
+    if len(shape) != 3 or any(int(s) < minimum for s in shape):
+        raise ValueError(f"shape must be 3 sizes of at least {minimum} voxels, got {tuple(shape)}")
+    return int(shape[0]), int(shape[1]), int(shape[2])
+
+
+def _case_rng(seed: int, index: int) -> np.random.Generator:
+    """Return the generator of one case, independent of the number of cases written."""
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    return np.random.default_rng([seed, index])
+
+
+def _ellipsoid(shape: Shape, centre: Sequence[float], radii: Sequence[float]) -> np.ndarray:
+    """Return a boolean mask of an axis-aligned ellipsoid (voxel units)."""
+    grids = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    dist = sum(((g - c) / max(r, 0.5)) ** 2 for g, c, r in zip(grids, centre, radii))
+    return dist <= 1.0
+
+
+def _blob(rng: np.random.Generator, shape: Shape, centre: np.ndarray, rmin: float, rmax: float) -> np.ndarray:
+    """Return a random lumpy blob: the union of 2-3 ellipsoids with radii in [rmin, rmax] around a centre."""
+    mask = np.zeros(shape, dtype=bool)
+    for lobe in range(int(rng.integers(2, 4))):
+        radii = rng.uniform(rmin, rmax, size=3)
+        offset = np.zeros(3) if lobe == 0 else rng.uniform(-0.5, 0.5, size=3) * radii
+        mask |= _ellipsoid(shape, centre + offset, radii)
+    return mask
+
+
+def _save_nifti(array: np.ndarray, path: Path, spacing: Sequence[float]) -> None:
+    """Write a volume with a diagonal affine of the given spacing (mm)."""
+    affine = np.diag([float(spacing[0]), float(spacing[1]), float(spacing[2]), 1.0])
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, str(path))
+
+
+def _ct_case(rng: np.random.Generator, shape: Shape) -> tuple[np.ndarray, np.ndarray]:
+    """Return a CT-like volume (int16 HU) and its labels (uint8: 1 kidney, 2 tumour attached to one kidney)."""
+    size = np.array(shape, dtype=float)
+    centre = size / 2.0 + rng.uniform(-0.03, 0.03, size=3) * size
+    body = _ellipsoid(shape, centre, size * np.array([0.45, 0.38, 0.9]))
+    spine = _ellipsoid(shape, centre + size * [0.0, 0.22, 0.0], size * np.array([0.06, 0.06, 2.0])) & body
+    seg = np.zeros(shape, dtype=np.uint8)
+    kidney_radii = size * np.array([0.11, 0.09, 0.25]) * rng.uniform(0.85, 1.15, size=3)
+    kidney_centres = []
+    for side in (-1.0, 1.0):
+        kc = centre + size * np.array([side * 0.2, 0.1, 0.0]) + rng.uniform(-0.03, 0.03, size=3) * size
+        kidney_centres.append(kc)
+        seg[_ellipsoid(shape, kc, kidney_radii) & body] = 1
+    # Tumour: a lumpy blob centred inside one kidney, near its surface, so that it bulges out of the kidney.
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    kc = kidney_centres[int(rng.integers(0, 2))]
+    tumour_centre = kc + direction * kidney_radii * rng.uniform(0.3, 0.8)
+    scale = min(shape) / 64.0
+    tumour = _blob(rng, shape, tumour_centre, max(1.5, 6.0 * scale), max(2.5, 14.0 * scale)) & body
+    seg[tumour] = 2
+    hu = np.full(shape, -1000.0)
+    hu[body] = rng.uniform(0.0, 40.0)
+    hu[spine] = rng.uniform(350.0, 500.0)
+    hu[seg == 1] = rng.uniform(25.0, 40.0)
+    hu[seg == 2] = rng.uniform(80.0, 120.0)
+    hu += rng.normal(0.0, 10.0, size=shape)
+    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), seg
+
+
+def _brats_case(rng: np.random.Generator, shape: Shape, modalities: Sequence[str]) -> tuple[dict, np.ndarray]:
+    """Return z-scored MR-like volumes per modality and BraTS labels (2 edema around 4 enhancing around 1 necrosis)."""
+    size = np.array(shape, dtype=float)
+    centre = size / 2.0
+    brain_radii = size * np.array([0.42, 0.45, 0.4])
+    brain = _ellipsoid(shape, centre, brain_radii)
+    ventricles = np.zeros(shape, dtype=bool)
+    for side in (-1.0, 1.0):
+        ventricles |= _ellipsoid(shape, centre + size * [side * 0.06, -0.02, 0.02], size * np.array([0.04, 0.12, 0.06]))
+    scale = min(shape) / 64.0
+    direction = rng.normal(size=3)
+    # Centre within 0.3 of the brain radii and edema radii <= 0.6 of them: the lesion core stays inside the brain.
+    lesion_centre = centre + direction / np.linalg.norm(direction) * rng.uniform(0.0, 0.3) * brain_radii
+    core_radii = rng.uniform(max(2.5, 3.0 * scale), max(3.5, 7.0 * scale), size=3)
+    edema_radii = np.minimum(core_radii * rng.uniform(1.6, 2.2, size=3) + 1.5, 0.6 * brain_radii)
+    core_radii = np.minimum(core_radii, edema_radii - 1.5)
+    edema = _ellipsoid(shape, lesion_centre, edema_radii)
+    for _ in range(int(rng.integers(1, 3))):  # extra lobes make the edema irregular
+        offset = rng.uniform(-0.5, 0.5, size=3) * edema_radii
+        edema |= _ellipsoid(shape, lesion_centre + offset, edema_radii * rng.uniform(0.5, 0.8, size=3))
+    core = _ellipsoid(shape, lesion_centre, core_radii)
+    necrosis = _ellipsoid(shape, lesion_centre, np.maximum(core_radii * rng.uniform(0.4, 0.6), 1.0))
+    # Enforce the nesting on the voxel grid: necrosis wrapped in enhancing tumour, tumour core wrapped in edema.
+    core |= ndimage.binary_dilation(necrosis)
+    edema = (edema & brain) | ndimage.binary_dilation(core)
+    seg = np.zeros(shape, dtype=np.uint8)
+    seg[edema] = 2
+    seg[core] = 4
+    seg[necrosis] = 1
+    volumes = {}
+    for mod in modalities:
+        if mod not in _BRATS_CONTRAST:
+            raise ValueError(f"unknown BraTS modality {mod!r}; choose from {sorted(_BRATS_CONTRAST)}")
+        tissue, ventricle, oedema, enhancing, necrotic = _BRATS_CONTRAST[mod]
+        img = np.full(shape, tissue)
+        img[ventricles] = ventricle
+        img[seg == 2], img[seg == 4], img[seg == 1] = oedema, enhancing, necrotic
+        img *= rng.uniform(0.9, 1.1)
+        img += rng.normal(0.0, 0.08, size=shape)
+        inside = img[brain]
+        volumes[mod] = np.where(brain, (img - inside.mean()) / inside.std(), 0.0).astype(np.float32)
+    return volumes, seg
+
+
+def make_kits19_like(
+    out_dir: PathLike,
+    num_cases: int = 8,
+    shape: Sequence[int] = (96, 96, 64),
+    spacing: Sequence[float] = (1.5, 1.5, 2.5),
+    seed: int = 0,
+) -> list[str]:
+    """Write KiTS19-layout cases ``case_XXXXX/{imaging,segmentation}.nii.gz`` (CT HU, labels 1 kidney 2 tumour)."""
+    shape = _check_shape(shape)
+    root = Path(out_dir)
+    cases = []
+    for index in range(num_cases):
+        case = f"case_{index:05d}"
+        image, seg = _ct_case(_case_rng(seed, index), shape)
+        _save_nifti(image, root / case / "imaging.nii.gz", spacing)
+        _save_nifti(seg, root / case / "segmentation.nii.gz", spacing)
+        cases.append(case)
+    return cases
+
+
+def make_brats21_like(
+    out_dir: PathLike,
+    num_cases: int = 4,
+    shape: Sequence[int] = (80, 80, 64),
+    modalities: Sequence[str] = ("flair", "t1ce"),
+    seed: int = 0,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> list[str]:
+    """Write BraTS 2021-layout cases ``BraTS2021_XXXXX/BraTS2021_XXXXX_<mod>.nii.gz`` + ``_seg`` (labels 0,1,2,4)."""
+    shape = _check_shape(shape)
+    modalities = [modalities] if isinstance(modalities, str) else list(modalities)
+    root = Path(out_dir)
+    cases = []
+    for index in range(num_cases):
+        case = f"BraTS2021_{index:05d}"
+        volumes, seg = _brats_case(_case_rng(seed, index), shape, modalities)
+        for mod, volume in volumes.items():
+            _save_nifti(volume, root / case / f"{case}_{mod}.nii.gz", spacing)
+        _save_nifti(seg, root / case / f"{case}_seg.nii.gz", spacing)
+        cases.append(case)
+    return cases
+
+
+def _msd_labels(seg: np.ndarray, tumour_label: int) -> np.ndarray:
+    """Map generator labels (1 organ, 2 tumour) to an MSD task's labels; the organ is dropped when the tumour is 1."""
+    out = np.zeros_like(seg)
+    if tumour_label != 1:
+        out[seg == 1] = 1
+    out[seg == 2] = tumour_label
+    return out
+
+
+def make_msd_like(
+    out_dir: PathLike,
+    num_cases: int = 4,
+    num_test: int = 1,
+    tumour_label: int = 2,
+    shape: Sequence[int] = (64, 64, 48),
+    spacing: Sequence[float] = (1.0, 1.0, 1.5),
+    seed: int = 0,
+    prefix: str = "synth",
+) -> list[str]:
+    """Write an MSD task folder (imagesTr, labelsTr, imagesTs, dataset.json); returns the training case ids."""
+    if not 1 <= tumour_label <= 255:
+        raise ValueError(f"tumour_label must be in 1..255, got {tumour_label}")
+    shape = _check_shape(shape)
+    root = Path(out_dir)
+    training, test, cases = [], [], []
+    for index in range(num_cases + num_test):
+        case = f"{prefix}_{index}"
+        image, seg = _ct_case(_case_rng(seed, index), shape)
+        if index < num_cases:
+            _save_nifti(image, root / "imagesTr" / f"{case}.nii.gz", spacing)
+            _save_nifti(_msd_labels(seg, tumour_label), root / "labelsTr" / f"{case}.nii.gz", spacing)
+            training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+            cases.append(case)
+        else:
+            _save_nifti(image, root / "imagesTs" / f"{case}.nii.gz", spacing)
+            test.append(f"./imagesTs/{case}.nii.gz")
+    labels = {"0": "background"}
+    if tumour_label != 1:
+        labels["1"] = "organ"
+    labels[str(tumour_label)] = "tumour"
+    dataset = {
+        "name": "Synthetic",
+        "description": "Synthetic CT-like tumour dataset generated by msam_components.data.synthetic",
+        "reference": "none",
+        "licence": "CC0",
+        "release": "1.0",
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": labels,
+        "numTraining": num_cases,
+        "numTest": num_test,
+        "training": training,
+        "test": test,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "dataset.json", "w", encoding="utf-8") as f:
+        json.dump(dataset, f, indent=4)
+        f.write("\n")
+    return cases
+
+
+def make_imagestr_like(
+    out_dir: PathLike,
+    num_cases: int = 4,
+    channel_suffix: bool = True,
+    tumour_label: int = 2,
+    shape: Sequence[int] = (64, 64, 48),
+    spacing: Sequence[float] = (1.0, 1.0, 1.5),
+    seed: int = 0,
+    prefix: str = "synth",
+    image_dir: str = "imagesTr",
+    label_dir: str = "labelsTr",
+) -> list[str]:
+    """Write an nnU-Net-like ``imagesTr/<case>[_0000].nii.gz`` + ``labelsTr/<case>.nii.gz`` layout; returns case ids."""
+    shape = _check_shape(shape)
+    root = Path(out_dir)
+    cases = []
+    for index in range(num_cases):
+        case = f"{prefix}_{index:03d}"
+        image, seg = _ct_case(_case_rng(seed, index), shape)
+        image_name = f"{case}_0000.nii.gz" if channel_suffix else f"{case}.nii.gz"
+        _save_nifti(image, root / image_dir / image_name, spacing)
+        _save_nifti(_msd_labels(seg, tumour_label), root / label_dir / f"{case}.nii.gz", spacing)
+        cases.append(case)
+    return cases
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point: write a synthetic dataset in the chosen layout and print what was written."""
+    parser = argparse.ArgumentParser(description="Write a small synthetic tumour dataset in an official layout.")
+    parser.add_argument("--layout", required=True, choices=["kits19", "brats21", "msd", "imagestr"])
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--num-cases", type=int, default=None, help="number of labelled cases (layout default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"))
+    parser.add_argument("--modalities", nargs="+", default=["flair", "t1ce"], help="BraTS modalities")
+    parser.add_argument("--num-test", type=int, default=1, help="MSD image-only test cases")
+    args = parser.parse_args(argv)
+    kwargs: dict = {"seed": args.seed}
+    if args.num_cases is not None:
+        kwargs["num_cases"] = args.num_cases
+    if args.shape is not None:
+        kwargs["shape"] = tuple(args.shape)
+    if args.layout == "kits19":
+        cases = make_kits19_like(args.out, **kwargs)
+        files = ["imaging.nii.gz", "segmentation.nii.gz"]
+    elif args.layout == "brats21":
+        cases = make_brats21_like(args.out, modalities=args.modalities, **kwargs)
+        files = [f"<case>_{m}.nii.gz" for m in args.modalities] + ["<case>_seg.nii.gz"]
+    elif args.layout == "msd":
+        cases = make_msd_like(args.out, num_test=args.num_test, **kwargs)
+        files = ["dataset.json", "imagesTr/<case>.nii.gz", "labelsTr/<case>.nii.gz", f"{args.num_test} in imagesTs/"]
+    else:
+        cases = make_imagestr_like(args.out, **kwargs)
+        files = ["imagesTr/<case>_0000.nii.gz", "labelsTr/<case>.nii.gz"]
+    print(f"wrote {len(cases)} synthetic {args.layout} cases to {os.path.abspath(args.out)} ({', '.join(files)}):")
+    for case in cases:
+        print(f"  {case}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
