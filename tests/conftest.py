@@ -73,3 +73,40 @@ def msam_kwargs_from_reference_config(config: dict) -> dict:
 def tiny_fixture(reference_dir: Path) -> dict:
     """The upstream tiny-model fixture (weights, inputs, float32 and float64 outputs)."""
     return torch.load(reference_dir / "msam_tiny_fixture.pt", weights_only=True)
+
+
+def small_msam_kwargs(**overrides: object) -> dict:
+    """A very small M-SAM for engine tests on CPU: 64^3 input, 8^3 tokens, no window padding."""
+    kwargs = dict(
+        image_size=64,
+        patch_size=8,
+        encoder_embed_dim=48,
+        encoder_depth=2,
+        encoder_num_heads=4,
+        encoder_global_attn_indexes=(1,),
+        encoder_window_size=8,
+        prompt_embed_dim=48,
+        mask_in_chans=8,
+        decoder_mlp_dim=96,
+        iou_head_hidden_dim=32,
+        lora_rank=2,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_blob_cases(num_cases: int, size: int = 64, seed: int = 0) -> list[dict]:
+    """Synthetic cases: a bright noisy sphere (the lesion) in a noisy background, as MetaTensors with a file name."""
+    from monai.data import MetaTensor
+
+    gen = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(size, dtype=torch.float32)] * 3, indexing="ij"))
+    cases = []
+    for i in range(num_cases):
+        centre = torch.randint(size // 4, 3 * size // 4, (3,), generator=gen).float()
+        radius = float(torch.randint(size // 10, size // 5, (1,), generator=gen))
+        label = (((grid - centre[:, None, None, None]) ** 2).sum(0) <= radius**2).float()[None]
+        image = label * 2.0 + 0.3 * torch.randn(label.shape, generator=gen)
+        meta = {"filename_or_obj": f"/synthetic/case_{i:05d}.nii.gz"}
+        cases.append({"image": MetaTensor(image, meta=dict(meta)), "label": MetaTensor(label, meta=dict(meta))})
+    return cases

@@ -1,0 +1,22 @@
+"""Ignite/MONAI engine parts: the click-loop iteration, click inferer, per-click metrics, optimiser and schedule."""
+
+from .click_inferer import ClickInferer, EmbeddingCache
+from .click_metrics import ClickMetricsHandler, summarise_click_metrics
+from .interaction import CLICK_DICE, CLICK_IOU, ClickSimulator, IterativeClickRefinement, binarise, msam_loss
+from .optim import msam_lr_milestones, msam_lr_scheduler, msam_optimizer
+
+__all__ = [
+    "CLICK_DICE",
+    "CLICK_IOU",
+    "ClickInferer",
+    "ClickMetricsHandler",
+    "ClickSimulator",
+    "EmbeddingCache",
+    "IterativeClickRefinement",
+    "binarise",
+    "msam_loss",
+    "msam_lr_milestones",
+    "msam_lr_scheduler",
+    "msam_optimizer",
+    "summarise_click_metrics",
+]

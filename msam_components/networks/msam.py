@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,9 @@ from .mea import MaskEnhancedAdapter
 from .prompt_encoder import PromptEncoder3D
 
 ENCODER_TRAINABLE_MODES = ("lora", "frozen", "full")
+
+# click_fn(iteration, previous full-resolution logits or None) -> (points [B, N, 3], point_labels [B, N])
+ClickFn = Callable[[int, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 
 
 class MSAM(nn.Module):
@@ -162,14 +165,45 @@ class MSAM(nn.Module):
         """Trilinear (``align_corners=False``) upsampling of low-res logits to the input resolution."""
         return F.interpolate(low_res_logits, size=(self.image_size,) * 3, mode="trilinear", align_corners=False)
 
+    def refine(
+        self, image: torch.Tensor, click_fn: ClickFn, num_clicks: int, detach_feedback: bool = False
+    ) -> torch.Tensor:
+        """The iterative click loop: encode once, then ``num_clicks`` decode steps fed back their own low-res logits.
+
+        ``click_fn(i, logits)`` returns the prompt for step ``i`` given the previous step's full-resolution logits
+        (``None`` at step 0, where the mask prompt is all zeros as in M-SAM's trainer). The raw low-res logits are fed
+        back without sigmoid or threshold and, unless ``detach_feedback``, with gradients (full backpropagation through
+        the clicks, as the reference). Returns the logits after every click, ``[B, num_clicks, 128, 128, 128]``.
+        """
+        if num_clicks < 1:
+            raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
+        state = self.prepare_embedding(self.encode(image))
+        low_res = image.new_zeros(image.shape[0], 1, *self.low_res_size)
+        full, outputs = None, []
+        for i in range(num_clicks):
+            points, labels = click_fn(i, None if full is None else full.detach())
+            low_res = self.decode(state, points, labels, low_res.detach() if detach_feedback else low_res)
+            full = self.upsample(low_res)
+            outputs.append(full)
+        return torch.cat(outputs, dim=1)
+
     def forward(
         self,
         image: torch.Tensor,
         points: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
         low_res_mask: torch.Tensor | None = None,
+        click_fn: ClickFn | None = None,
+        num_clicks: int = 1,
+        detach_feedback: bool = False,
     ) -> torch.Tensor:
-        """Full-resolution logits ``[B, 1, 128, 128, 128]``; a bare image (no prompt at all) also works."""
+        """Full-resolution logits ``[B, 1, 128, 128, 128]``; a bare image (no prompt at all) also works.
+
+        With ``click_fn`` the whole click loop of :meth:`refine` runs in this one call (so DistributedDataParallel sees
+        one forward pass per step) and the result is ``[B, num_clicks, 128, 128, 128]``.
+        """
+        if click_fn is not None:
+            return self.refine(image, click_fn, num_clicks, detach_feedback)
         return self.upsample(self.decode(self.encode(image), points, point_labels, low_res_mask))
 
 

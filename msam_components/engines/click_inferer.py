@@ -1,0 +1,136 @@
+"""Inference from user clicks: an embedding cache and a MONAI ``Inferer`` that applies the clicks with feedback."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from monai.inferers import Inferer
+
+from ..networks.msam import MSAM
+
+ClickList = Sequence[Sequence[int]] | torch.Tensor | None
+
+
+class EmbeddingCache:
+    """Bounded LRU cache of per-image decoder state (``MSAM.prepare_embedding``), so later clicks skip the encoder."""
+
+    def __init__(self, max_items: int = 4) -> None:
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {max_items}")
+        self.max_items = max_items
+        self._items: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key_for(image: torch.Tensor) -> str:
+        """Content hash of an image tensor (shape, dtype and bytes), a safe key when the caller has no image id."""
+        data = image.detach().to("cpu").contiguous()
+        digest = hashlib.blake2b(data.numpy().tobytes(), digest_size=16)
+        digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
+        return digest.hexdigest()
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        with self._lock:
+            state = self._items.get(key)
+            if state is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return state
+
+    def put(self, key: str, state: dict[str, torch.Tensor]) -> None:
+        with self._lock:
+            self._items[key] = state
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _as_points(clicks: ClickList, batch: int, device: torch.device, name: str) -> torch.Tensor:
+    """Normalise a click list (``[[d,h,w], ...]``, ``[N,3]`` or ``[B,N,3]``) to an int64 ``[B, N, 3]`` tensor."""
+    if clicks is None:
+        return torch.zeros(batch, 0, 3, dtype=torch.long, device=device)
+    points = torch.as_tensor(clicks, device=device)
+    if points.numel() == 0:
+        return torch.zeros(batch, 0, 3, dtype=torch.long, device=device)
+    if points.is_floating_point():
+        if not torch.equal(points, points.round()):
+            raise ValueError(f"{name} clicks must be integer voxel indices, got {points.tolist()}")
+    if points.ndim == 2:
+        points = points.unsqueeze(0).expand(batch, -1, -1)
+    if points.ndim != 3 or points.shape[-1] != 3 or points.shape[0] != batch:
+        raise ValueError(f"{name} clicks must be a list of [d, h, w] voxel indices, got shape {list(points.shape)}")
+    return points.long()
+
+
+class ClickInferer(Inferer):
+    """Segment from user clicks in the 128^3 model input space, with the previous logits fed back.
+
+    ``mode="sequential"`` (default, as in training) decodes one click at a time in the order foreground clicks then
+    background clicks, each step fed the previous low-res logits; ``mode="together"`` decodes all clicks in one step.
+    The image embedding is cached per image (``cache``), so repeated requests on the same image only run the decoder.
+    Returns full-resolution logits ``[B, 1, 128, 128, 128]``; without any click the bare-image prediction is returned.
+    """
+
+    def __init__(self, mode: str = "sequential", cache: EmbeddingCache | None = None) -> None:
+        super().__init__()
+        if mode not in ("sequential", "together"):
+            raise ValueError(f"mode must be 'sequential' or 'together', got {mode!r}")
+        self.mode = mode
+        self.cache = cache if cache is not None else EmbeddingCache()
+
+    def embedding_state(self, inputs: torch.Tensor, network: MSAM, cache_key: str | None = None) -> dict:
+        """Cached ``prepare_embedding(encode(inputs))`` for this image."""
+        key = cache_key or EmbeddingCache.key_for(inputs)
+        state = self.cache.get(key)
+        if state is None:
+            state = network.prepare_embedding(network.encode(inputs))
+            self.cache.put(key, state)
+        return state
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        network: MSAM,
+        foreground: ClickList = None,
+        background: ClickList = None,
+        cache_key: str | None = None,
+        *args: object,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        network = getattr(network, "module", network)
+        batch, device = inputs.shape[0], inputs.device
+        fg = _as_points(foreground, batch, device, "foreground")
+        bg = _as_points(background, batch, device, "background")
+        size = network.image_size
+        for name, pts in (("foreground", fg), ("background", bg)):
+            if pts.numel() and (pts.min() < 0 or pts.max() >= size):
+                raise ValueError(f"{name} click outside the {size}^3 model input: {pts.reshape(-1, 3).tolist()}")
+        points = torch.cat([fg, bg], dim=1)
+        labels = torch.cat(
+            [torch.ones(batch, fg.shape[1], dtype=torch.long, device=device), torch.zeros(batch, bg.shape[1], dtype=torch.long, device=device)],
+            dim=1,
+        )
+        state = self.embedding_state(inputs, network, cache_key)
+        if points.shape[1] == 0:
+            return network.upsample(network.decode(state, None, None, None))
+        low_res = inputs.new_zeros(batch, 1, *network.low_res_size)
+        if self.mode == "together":
+            return network.upsample(network.decode(state, points, labels, low_res))
+        for i in range(points.shape[1]):
+            low_res = network.decode(state, points[:, i : i + 1], labels[:, i : i + 1], low_res)
+        return network.upsample(low_res)
