@@ -28,3 +28,6 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+demo: $(STAMP)
+	$(PY) -m msam_components.demo

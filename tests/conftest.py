@@ -15,6 +15,7 @@ DATA_DIR = SHARED_DIR / "data"
 SCHEMA_DIR = SHARED_DIR / "schema"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_flush_denormal(True)  # denormals make CPU training steps many times slower
 
 
 def _require(path: Path, what: str) -> Path:

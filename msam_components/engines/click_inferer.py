@@ -8,6 +8,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from ..networks.msam import MSAM
@@ -113,6 +114,9 @@ class ClickInferer(Inferer):
         **kwargs: object,
     ) -> torch.Tensor:
         network = getattr(network, "module", network)
+        if isinstance(inputs, MetaTensor):  # run on plain tensors; the logits get the input's meta back for Invertd
+            logits = self(inputs.as_tensor(), network, foreground, background, cache_key)
+            return MetaTensor(logits, meta=inputs.meta, applied_operations=inputs.applied_operations)
         batch, device = inputs.shape[0], inputs.device
         fg = _as_points(foreground, batch, device, "foreground")
         bg = _as_points(background, batch, device, "background")

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice, compute_iou
@@ -159,8 +160,12 @@ class IterativeClickRefinement(Randomizable):
         inputs, targets = batch[0], batch[1]
         if targets is None:
             raise ValueError("the click simulation needs a 'label' in every batch")
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        # plain tensors inside the loop: MetaTensor bookkeeping on every network op costs more than small layers
+        inputs = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        targets = targets.as_tensor() if isinstance(targets, MetaTensor) else targets
         label = (targets > 0).to(inputs.dtype if inputs.is_floating_point() else torch.float32)
-        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: label}
+        engine.state.output[Keys.LABEL] = label
         device_type = inputs.device.type
         if isinstance(engine, SupervisedTrainer):
             logits, simulator = self._train_step(engine, inputs, label, device_type)

@@ -5,7 +5,7 @@ from .lora import LoRAQKV
 from .mask_decoder import MaskDecoder3D
 from .mea import MaskEnhancedAdapter
 from .msam import MSAM, count_parameters, msam_parameter_groups, set_encoder_trainable
-from .checkpoint import CheckpointError, LoadReport, load_pretrained, read_checkpoint
+from .checkpoint import CheckpointError, LoadReport, load_pretrained, load_pretrained_or_warn, read_checkpoint
 from .prompt_encoder import PromptEncoder3D
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointError",
     "LoadReport",
     "load_pretrained",
+    "load_pretrained_or_warn",
     "read_checkpoint",
     "ImageEncoderViT3D",
     "LoRAQKV",

@@ -217,3 +217,30 @@ def load_pretrained(
     network.load_state_dict(loadable, strict=False)
     report.loaded = sorted(loadable)
     return report
+
+
+def load_pretrained_or_warn(
+    network: nn.Module, path: str | os.PathLike | None, strict: bool = True, required: bool = False
+) -> nn.Module:
+    """Bundle helper: load ``path`` into ``network`` if given and return the network; warn loudly when there is none.
+
+    Without a checkpoint (``None`` or ``""``) training starts from random initialisation, which is far from the
+    paper's setting (SAM-Med3D-turbo weights); ``required=True`` (evaluation, inference) turns that into an error.
+    """
+    import logging
+    import warnings
+
+    logger = logging.getLogger("msam_components")
+    if path is None or str(path).strip() in ("", "None", "null"):
+        if required:
+            raise FileNotFoundError("no checkpoint given: set 'ckpt_path' (or 'pretrained_ckpt') to a weights file")
+        message = (
+            "no pretrained checkpoint given (pretrained_ckpt is empty): the network starts from RANDOM initialisation. "
+            "M-SAM is meant to start from SAM-Med3D(-turbo) weights; pass --pretrained_ckpt /path/to/sam_med3d_turbo.pth"
+        )
+        logger.warning(message)
+        warnings.warn(message, stacklevel=2)
+        return network
+    report = load_pretrained(network, path, strict=strict)
+    logger.info(report.summary())
+    return network

@@ -1,17 +1,9 @@
-"""Data transforms for M-SAM: interactive click simulation (functional API and a MONAI dictionary transform)."""
+"""Data transforms for M-SAM: click simulation, lesion-/click-centred crops, click mapping, intensity normalisation."""
 
-from msam_components.transforms.click_sampling import (
-    PADDING_LABEL,
-    Click,
-    error_regions,
-    sample_click,
-    sample_clicks_batch,
-)
-from msam_components.transforms.clicks import SimulateClickd
-
-__all__ = ["PADDING_LABEL", "Click", "SimulateClickd", "error_regions", "sample_click", "sample_clicks_batch"]
-
-from msam_components.transforms.spatial import (
+from .click_sampling import PADDING_LABEL, Click, error_regions, sample_click, sample_clicks_batch
+from .clicks import SimulateClickd
+from .intensity import NormalizeIntensityAboved
+from .spatial import (
     CropOrPadAroundClicksd,
     CropOrPadAroundLabeld,
     CropPadBox,
@@ -20,11 +12,18 @@ from msam_components.transforms.spatial import (
     parse_clicks,
 )
 
-__all__ += [
+__all__ = [
+    "PADDING_LABEL",
+    "Click",
     "CropOrPadAroundClicksd",
     "CropOrPadAroundLabeld",
     "CropPadBox",
     "MapClicksToImaged",
+    "NormalizeIntensityAboved",
+    "SimulateClickd",
     "compute_crop_or_pad_box",
+    "error_regions",
     "parse_clicks",
+    "sample_click",
+    "sample_clicks_batch",
 ]
