@@ -1,5 +1,6 @@
 """Ignite/MONAI engine parts: the click-loop iteration, click inferer, per-click metrics, optimiser and schedule."""
 
+from .checkpointing import TrainingCheckpoint, atomic_torch_save
 from .click_inferer import ClickInferer, EmbeddingCache
 from .click_metrics import ClickMetricsHandler, summarise_click_metrics
 from .interaction import CLICK_DICE, CLICK_IOU, ClickSimulator, IterativeClickRefinement, binarise, msam_loss
@@ -19,4 +20,6 @@ __all__ = [
     "msam_lr_scheduler",
     "msam_optimizer",
     "summarise_click_metrics",
+    "TrainingCheckpoint",
+    "atomic_torch_save",
 ]

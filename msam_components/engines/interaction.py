@@ -7,6 +7,7 @@ all clicks. The model runs the loop inside one forward call (see ``MSAM.refine``
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 
 import numpy as np
@@ -19,7 +20,11 @@ from monai.metrics import compute_dice, compute_iou
 from monai.transforms import Randomizable
 from monai.utils import CommonKeys as Keys
 
-from ..transforms.click_sampling import sample_clicks_batch
+from ..checks import check_type
+from ..transforms.click_sampling import STRATEGIES, sample_clicks_batch
+
+logger = logging.getLogger("msam_components")
+
 
 CLICK_DICE, CLICK_IOU = "click_dice", "click_iou"
 CLICK_POINTS, CLICK_LABELS = "click_points", "click_labels"
@@ -109,9 +114,19 @@ class IterativeClickRefinement(Randomizable):
         seed: int | None = 0,
         keep_click_logits: bool = False,
     ) -> None:
+        check_type("num_clicks", num_clicks, int)
         if num_clicks < 1:
             raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
+        check_type("threshold", threshold, (int, float))
+        for name, flag in (("pass_all_clicks", pass_all_clicks), ("detach_feedback", detach_feedback)):
+            check_type(name, flag, bool)
+        if seed is not None:
+            check_type("seed", seed, int)
+        for name, value in (("strategy", strategy), ("first_strategy", first_strategy)):
+            if value is not None and value not in STRATEGIES:
+                raise ValueError(f"{name} must be one of {STRATEGIES}, got {value!r}")
         binarise(torch.zeros(1), threshold, threshold_on)  # validates threshold_on early
+        self.skipped_without_lesion = 0
         self.num_clicks = num_clicks
         self.strategy, self.first_strategy = strategy, first_strategy
         self.threshold, self.threshold_on = threshold, threshold_on
@@ -168,6 +183,16 @@ class IterativeClickRefinement(Randomizable):
         engine.state.output[Keys.LABEL] = label
         device_type = inputs.device.type
         if isinstance(engine, SupervisedTrainer):
+            keep = label.flatten(1).any(dim=1)
+            if not bool(keep.all()):
+                self._log_skipped(batchdata, keep)
+                if not bool(keep.any()):  # nothing to learn from: no step, a zero loss for the handlers
+                    engine.state.output[Keys.LOSS] = torch.zeros((), device=inputs.device)
+                    engine.state.output[Keys.PRED] = torch.zeros_like(label)
+                    engine.fire_event(IterationEvents.MODEL_COMPLETED)
+                    return engine.state.output
+                inputs, label = inputs[keep], label[keep]
+                engine.state.output.update({Keys.IMAGE: inputs, Keys.LABEL: label})
             logits, simulator = self._train_step(engine, inputs, label, device_type)
         else:
             with engine.mode(engine.network):
@@ -182,6 +207,21 @@ class IterativeClickRefinement(Randomizable):
             engine.state.output["click_logits"] = logits
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    def _log_skipped(self, batchdata: dict, keep: torch.Tensor) -> None:
+        """Training skips crops without any target voxel (no click can be simulated); count and name them."""
+        names = []
+        image = batchdata.get("image") if isinstance(batchdata, dict) else None
+        meta = getattr(image, "meta", {}) if image is not None else {}
+        files = meta.get("filename_or_obj", [])
+        for i, kept in enumerate(keep.tolist()):
+            if not kept:
+                self.skipped_without_lesion += 1
+                names.append(str(files[i]) if isinstance(files, (list, tuple)) and i < len(files) else f"batch item {i}")
+        logger.warning(
+            f"skipped {len(names)} training case(s) without target lesion in the crop ({', '.join(names)}); "
+            f"{self.skipped_without_lesion} skipped so far"
+        )
 
     def _train_step(
         self, engine: SupervisedTrainer, inputs: torch.Tensor, label: torch.Tensor, device_type: str

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fast_attention import is_single_padded_window, padded_window_attention
 from .layers import LayerNorm3d, MLPBlock
-from .rel_pos_attention import RelPosSelfAttention
+from .rel_pos_attention import RelPosSelfAttention, check_attention_impl
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -43,7 +44,11 @@ def window_unpartition(
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm ViT block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``; windowed when ``window_size > 0``."""
+    """Pre-norm ViT block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``; windowed when ``window_size > 0``.
+
+    With ``attention_impl="fast"`` a grid that pads to a single window (8^3 in 14^3) uses the exact closed form of
+    :func:`padded_window_attention`; any other windowing falls back to the explicit padded computation.
+    """
 
     def __init__(
         self,
@@ -55,25 +60,30 @@ class EncoderBlock(nn.Module):
         qkv_bias: bool = True,
         norm_eps: float = 1e-6,
         rel_pos_layout: str = "sam-med3d",
+        attention_impl: str = "reference",
     ) -> None:
         super().__init__()
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         attn_size = grid_size if window_size == 0 else (window_size,) * 3
-        self.attn = RelPosSelfAttention(dim, num_heads, attn_size, qkv_bias=qkv_bias, rel_pos_layout=rel_pos_layout)
+        self.attn = RelPosSelfAttention(
+            dim, num_heads, attn_size, qkv_bias=qkv_bias, rel_pos_layout=rel_pos_layout, attention_impl=attention_impl
+        )
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act=nn.GELU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
-        if self.window_size > 0:
-            size = tuple(x.shape[1:4])
+        size = tuple(x.shape[1:4])
+        if self.window_size == 0:
+            x = self.attn(x)
+        elif self.attn.attention_impl == "fast" and is_single_padded_window(size, self.window_size):
+            x = padded_window_attention(self.attn, x, self.window_size)
+        else:
             x, padded = window_partition(x, self.window_size)
             x = self.attn(x)
             x = window_unpartition(x, self.window_size, padded, size)
-        else:
-            x = self.attn(x)
         x = shortcut + x
         return x + self.mlp(self.norm2(x))
 
@@ -90,7 +100,11 @@ class PatchEmbed3D(nn.Module):
 
 
 class ImageEncoderViT3D(nn.Module):
-    """ViT image encoder with absolute and relative positions, global blocks at ``global_attn_indexes`` and a conv neck."""
+    """ViT image encoder with absolute and relative positions, global blocks at ``global_attn_indexes`` and a conv neck.
+
+    ``attention_impl``: ``"reference"`` (explicit padded windows and softmax) or ``"fast"`` (same numbers, see
+    ``fast_attention.py``); it adds no parameters.
+    """
 
     def __init__(
         self,
@@ -107,8 +121,10 @@ class ImageEncoderViT3D(nn.Module):
         qkv_bias: bool = True,
         norm_eps: float = 1e-6,
         rel_pos_layout: str = "sam-med3d",
+        attention_impl: str = "reference",
     ) -> None:
         super().__init__()
+        check_attention_impl(attention_impl)
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.image_size = image_size
@@ -129,6 +145,7 @@ class ImageEncoderViT3D(nn.Module):
                 qkv_bias=qkv_bias,
                 norm_eps=norm_eps,
                 rel_pos_layout=rel_pos_layout,
+                attention_impl=attention_impl,
             )
             for i in range(depth)
         )

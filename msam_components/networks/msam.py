@@ -8,13 +8,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_type
 from .image_encoder import ImageEncoderViT3D
 from .lora import LoRAQKV
 from .mask_decoder import MaskDecoder3D
 from .mea import MaskEnhancedAdapter
 from .prompt_encoder import PromptEncoder3D
+from .rel_pos_attention import check_attention_impl, set_attention_impl
 
 ENCODER_TRAINABLE_MODES = ("lora", "frozen", "full")
+_INT_ARGS = {
+    "image_size",
+    "patch_size",
+    "in_channels",
+    "encoder_embed_dim",
+    "encoder_depth",
+    "encoder_num_heads",
+    "encoder_window_size",
+    "prompt_embed_dim",
+    "mask_in_chans",
+    "decoder_transformer_depth",
+    "decoder_num_heads",
+    "decoder_mlp_dim",
+    "decoder_attention_downsample_rate",
+    "num_multimask_outputs",
+    "iou_head_depth",
+    "iou_head_hidden_dim",
+    "mea_num_heads",
+    "mea_num_blocks",
+    "lora_rank",
+}
 
 # click_fn(iteration, previous full-resolution logits or None) -> (points [B, N, 3], point_labels [B, N])
 ClickFn = Callable[[int, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
@@ -29,7 +52,9 @@ class MSAM(nn.Module):
     SAM-Med3D's decoder input ``image + dense``; ``lora_rank=0, encoder_trainable="frozen"`` freezes the encoder;
     ``lora_rank=0, encoder_trainable="full"`` fine-tunes it entirely. ``rel_pos_layout="sam-med3d"`` keeps the
     upstream broadcasting of the relative-position terms that the pretrained weights expect; ``"decomposed"`` is the
-    textbook MViTv2 form (for training from scratch only).
+    textbook MViTv2 form (for training from scratch only). ``attention_impl="fast"`` computes the encoder and MEA
+    attention exactly but without materialising the window padding, via ``scaled_dot_product_attention``
+    (``fast_attention.py``); ``"reference"`` is the straightforward padded computation. Neither changes parameters.
 
     Contract: :meth:`encode` runs once per image, :meth:`decode` once per click, :meth:`forward` does both.
     """
@@ -61,8 +86,17 @@ class MSAM(nn.Module):
         lora_rank: int = 16,
         encoder_trainable: str = "lora",
         rel_pos_layout: str = "sam-med3d",
+        attention_impl: str = "reference",
     ) -> None:
         super().__init__()
+        for name, value in list(locals().items()):
+            if name in _INT_ARGS:
+                check_type(name, value, int)
+            elif name in ("encoder_mlp_ratio", "mea_mlp_ratio"):
+                check_type(name, value, (int, float))
+            elif name == "use_mea":
+                check_type(name, value, bool)
+        self.attention_impl = check_attention_impl(attention_impl)
         grid = image_size // patch_size
         self.image_size = image_size
         self.embedding_size = (grid, grid, grid)
@@ -79,6 +113,7 @@ class MSAM(nn.Module):
             global_attn_indexes=encoder_global_attn_indexes,
             window_size=encoder_window_size,
             rel_pos_layout=rel_pos_layout,
+            attention_impl=attention_impl,
         )
         self.prompt_encoder = PromptEncoder3D(
             embed_dim=prompt_embed_dim,
@@ -108,6 +143,8 @@ class MSAM(nn.Module):
             if use_mea
             else None
         )
+        if self.mea is not None:
+            set_attention_impl(self.mea, attention_impl)
         self.lora_rank = lora_rank
         if lora_rank > 0:
             for block in self.image_encoder.blocks:

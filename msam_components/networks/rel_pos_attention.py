@@ -35,6 +35,22 @@ def decomposed_rel_pos_terms(
 
 
 REL_POS_LAYOUTS = ("sam-med3d", "decomposed")
+ATTENTION_IMPLS = ("reference", "fast")
+
+
+def check_attention_impl(attention_impl: str) -> str:
+    """Validate an ``attention_impl`` value: ``"reference"`` (explicit softmax, padded windows) or ``"fast"``."""
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+    return attention_impl
+
+
+def set_attention_impl(module: nn.Module, attention_impl: str) -> None:
+    """Switch every :class:`RelPosSelfAttention` inside ``module`` to ``attention_impl`` (no parameter changes)."""
+    check_attention_impl(attention_impl)
+    for sub in module.modules():
+        if isinstance(sub, RelPosSelfAttention):
+            sub.attention_impl = attention_impl
 
 
 def add_rel_pos(
@@ -73,7 +89,8 @@ class RelPosSelfAttention(nn.Module):
 
     Logits are ``(q * scale) @ k^T + rel_d + rel_h + rel_w`` where the relative terms use the unscaled queries, as in
     SAM-Med3D. ``input_size`` fixes the relative-position table lengths (``2 * size - 1`` per axis);
-    ``rel_pos_layout`` selects how the per-axis terms are broadcast (see :func:`add_rel_pos`).
+    ``rel_pos_layout`` selects how the per-axis terms are broadcast (see :func:`add_rel_pos`). ``attention_impl="fast"``
+    computes the same logits with ``scaled_dot_product_attention`` (see ``fast_attention.py``).
     """
 
     def __init__(
@@ -84,8 +101,10 @@ class RelPosSelfAttention(nn.Module):
         qkv_bias: bool = True,
         use_rel_pos: bool = True,
         rel_pos_layout: str = "sam-med3d",
+        attention_impl: str = "reference",
     ) -> None:
         super().__init__()
+        self.attention_impl = check_attention_impl(attention_impl)
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -103,6 +122,10 @@ class RelPosSelfAttention(nn.Module):
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[2] - 1, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attention_impl == "fast":
+            from .fast_attention import global_attention  # local import: fast_attention imports this module
+
+            return global_attention(self, x)
         b, d, h, w, c = x.shape
         n = d * h * w
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)

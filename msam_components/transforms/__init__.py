@@ -11,6 +11,7 @@ from .spatial import (
     compute_crop_or_pad_box,
     parse_clicks,
 )
+from .validation import ValidateVolumesd
 
 __all__ = [
     "PADDING_LABEL",
@@ -21,6 +22,7 @@ __all__ = [
     "MapClicksToImaged",
     "NormalizeIntensityAboved",
     "SimulateClickd",
+    "ValidateVolumesd",
     "compute_crop_or_pad_box",
     "error_regions",
     "parse_clicks",
