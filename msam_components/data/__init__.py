@@ -7,6 +7,7 @@ from typing import Any
 from .layouts import (
     DEFAULT_TARGET_LABELS,
     brats21_datalist,
+    dataset_json_or,
     default_target_labels,
     imagestr_labelstr_datalist,
     kits19_datalist,
@@ -15,14 +16,18 @@ from .layouts import (
     split_datalist,
 )
 
+from .lits import lits_datalist
+
 _SYNTHETIC = ("make_brats21_like", "make_imagestr_like", "make_kits19_like", "make_msd_like")
 
 __all__ = [
     "DEFAULT_TARGET_LABELS",
     "brats21_datalist",
+    "dataset_json_or",
     "default_target_labels",
     "imagestr_labelstr_datalist",
     "kits19_datalist",
+    "lits_datalist",
     "msd_datalist",
     "msd_target_labels",
     "split_datalist",

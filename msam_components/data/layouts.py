@@ -332,3 +332,11 @@ def split_datalist(
     train = [by_case[c] for c in cases if c in train_set]
     val = [by_case[c] for c in cases if c in val_set]
     return train, val
+
+
+def dataset_json_or(builder: Any, dataset_dir: PathLike, **kwargs: Any) -> list[dict[str, Any]]:
+    """Cases of ``dataset_dir``: from its MSD-style ``dataset.json`` if it has one, else from the official layout."""
+    json_path = Path(dataset_dir) / "dataset.json"
+    if json_path.is_file():
+        return msd_datalist(json_path)
+    return builder(dataset_dir, **kwargs)
