@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from monai.bundle import ConfigParser
 
 from msam_components.bundle_tools.archive import MAX_FILE_BYTES, build_archive, main, rewrite_config_for_archive
 from msam_components.data import make_kits19_like
-from msam_components.networks import MSAM
 
 REPO = Path(__file__).resolve().parents[1]
 KITS = REPO / "bundles" / "msam_kits19"
@@ -117,11 +117,10 @@ def test_archived_inference_runs_without_installed_package(kits_archive: Path, t
     )
     voxels = np.argwhere(np.asarray(nib.load(str(seg)).dataobj) == 2)
     click = [int(v) for v in voxels[np.argmin(((voxels - voxels.mean(0)) ** 2).sum(1))]]
-    network = yaml.safe_load(SMALL.read_text())["network_def"]  # the tiny overlay's network, random weights
-    kwargs = {k: v for k, v in network.items() if k != "_target_"}
-    kwargs["image_size"] = yaml.safe_load(SMALL.read_text())["image_size"]
+    parser = ConfigParser()  # the tiny overlay's network, random weights
+    parser.read_config([str(REPO / "bundles" / "msam_kits19" / "configs" / "inference.yaml"), str(SMALL)])
     torch.manual_seed(0)
-    torch.save(MSAM(**kwargs).state_dict(), tmp_path / "tiny.pt")
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "tiny.pt")
     script = DRIVER.format(
         site=sysconfig.get_paths()["purelib"],
         configs=str([str(bundle / "configs" / "inference.yaml"), str(SMALL)]),

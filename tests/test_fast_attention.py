@@ -131,7 +131,7 @@ def test_attention_impl_is_validated_and_adds_no_parameters() -> None:
         ImageEncoderViT3D(image_size=32, patch_size=8, embed_dim=16, depth=1, attention_impl="Fast")
     kwargs = dict(image_size=32, patch_size=4, encoder_embed_dim=24, encoder_depth=2, encoder_num_heads=2)
     kwargs.update(encoder_global_attn_indexes=(1,), prompt_embed_dim=48, mea_num_heads=4, lora_rank=2)
-    ref, fast = MSAM(**kwargs), MSAM(**kwargs, attention_impl="fast")
+    ref, fast = MSAM(**kwargs, attention_impl="reference"), MSAM(**kwargs, attention_impl="fast")
     assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in fast.state_dict().items()}
     impls = {m.attention_impl for m in fast.modules() if isinstance(m, RelPosSelfAttention)}
     assert impls == {"fast"} and fast.mea.multi_head_self_attention.attention_impl == "fast"
@@ -181,7 +181,7 @@ def test_gradients_match_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs.update(encoder_global_attn_indexes=(1,), encoder_window_size=11, prompt_embed_dim=48, mask_in_chans=4)
     kwargs.update(decoder_mlp_dim=32, iou_head_hidden_dim=16, mea_num_heads=4, lora_rank=2, encoder_trainable="full")
     torch.manual_seed(0)
-    ref = MSAM(**kwargs).double()
+    ref = MSAM(**kwargs, attention_impl="reference").double()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -25,16 +25,17 @@ def _image(fx: dict, dtype: torch.dtype) -> torch.Tensor:
     return fx["image_int8"].to(dtype) * fx["image_scale"]
 
 
-def _msam(fx: dict, dtype: torch.dtype) -> MSAM:
-    model = MSAM(**msam_kwargs_from_reference_config(fx["config"])).to(dtype).eval()
+def _msam(fx: dict, dtype: torch.dtype, attention_impl: str = "reference") -> MSAM:
+    kwargs = msam_kwargs_from_reference_config(fx["config"])
+    model = MSAM(**kwargs, attention_impl=attention_impl).to(dtype).eval()
     report = load_pretrained(model, fx["state_dict"])
     assert report.source_format == "msam-official" and report.ok and not report.kept_initialised
     return model
 
 
-def _sammed3d(fx: dict, dtype: torch.dtype) -> MSAM:
+def _sammed3d(fx: dict, dtype: torch.dtype, attention_impl: str = "reference") -> MSAM:
     kwargs = msam_kwargs_from_reference_config(fx["config"])
-    kwargs.update(use_mea=False, lora_rank=0, encoder_trainable="frozen")
+    kwargs.update(use_mea=False, lora_rank=0, encoder_trainable="frozen", attention_impl=attention_impl)
     model = MSAM(**kwargs).to(dtype).eval()
     report = load_pretrained(model, fx["sammed3d_state_dict"])
     assert report.source_format == "sam-med3d" and report.ok and not report.kept_initialised
@@ -55,10 +56,11 @@ def test_tiny_config_parameter_counts(tiny_fixture: dict) -> None:
     assert len(model.state_dict()) == tiny_fixture["config"]["num_state_dict_keys"]
 
 
+@pytest.mark.parametrize("impl", ["reference", "fast"])
 @pytest.mark.parametrize("dtype", PRECISIONS, ids=["float64", "float32"])
-def test_msam_path_matches_reference(tiny_fixture: dict, dtype: torch.dtype) -> None:
+def test_msam_path_matches_reference(tiny_fixture: dict, dtype: torch.dtype, impl: str) -> None:
     fx, ref = tiny_fixture, _reference(tiny_fixture, dtype)
-    model = _msam(fx, dtype)
+    model = _msam(fx, dtype, impl)
     with torch.no_grad():
         embedding = model.encode(_image(fx, dtype))
         _close(embedding, ref["image_embedding"], dtype)
@@ -91,10 +93,11 @@ def test_msam_path_matches_reference(tiny_fixture: dict, dtype: torch.dtype) -> 
             torch.testing.assert_close(full.max().item(), float(stats["max"]), **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("impl", ["reference", "fast"])
 @pytest.mark.parametrize("dtype", PRECISIONS, ids=["float64", "float32"])
-def test_sammed3d_path_matches_reference(tiny_fixture: dict, dtype: torch.dtype) -> None:
+def test_sammed3d_path_matches_reference(tiny_fixture: dict, dtype: torch.dtype, impl: str) -> None:
     fx, ref = tiny_fixture, _reference(tiny_fixture, dtype)
-    model = _sammed3d(fx, dtype)
+    model = _sammed3d(fx, dtype, impl)
     with torch.no_grad():
         embedding = model.encode(_image(fx, dtype))
         _close(embedding, ref["sammed3d_image_embedding"], dtype)
@@ -126,7 +129,7 @@ def test_textbook_rel_pos_layout_differs(tiny_fixture: dict) -> None:
     """The upstream broadcasting of relative positions matters: the textbook layout does not reproduce the fixture."""
     fx = tiny_fixture
     kwargs = msam_kwargs_from_reference_config(fx["config"])
-    model = MSAM(**kwargs, rel_pos_layout="decomposed").double().eval()
+    model = MSAM(**kwargs, rel_pos_layout="decomposed", attention_impl="reference").double().eval()
     load_pretrained(model, fx["state_dict"])
     with torch.no_grad():
         embedding = model.encode(_image(fx, torch.float64))
