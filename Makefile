@@ -31,3 +31,6 @@ clean:
 
 demo: $(STAMP)
 	$(PY) -m msam_components.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_cpu.py --threads 2
