@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     mask = np.asarray(mask_img.dataobj) > 0
     gt = np.asarray(gt_img.dataobj) == TUMOUR_LABEL
     print(f"\ninference mask: {mask_path}")
-    print(f"  shape {mask.shape} (input {gt.shape}), affine equal to input: {np.allclose(mask_img.affine, gt_img.affine)}")
+    print(
+        f"  shape {mask.shape} (input {gt.shape}), affine equal to input: {np.allclose(mask_img.affine, gt_img.affine)}"
+    )
     print(f"  Dice vs the tumour label from one click: {dice(mask, gt):.3f}")
     print(f"\noutputs: checkpoint {ckpt}\n         per-click metrics, plot, metrics.json in {eval_dir}")
     print(f"demo finished in {time.time() - total_start:.0f} s")

@@ -12,7 +12,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 
 from msam_components.data import make_brats21_like, make_kits19_like

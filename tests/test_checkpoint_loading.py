@@ -39,7 +39,9 @@ def test_sammed3d_file_with_namespace_loads(tmp_path: Path, tiny_fixture: dict, 
     report = load_pretrained(model, path)
     assert report.source_format == "sam-med3d" and len(report.loaded) == 204
     assert any(k.startswith("mea.") for k in report.kept_initialised)
-    torch.testing.assert_close(model.image_encoder.pos_embed, tiny_fixture["sammed3d_state_dict"]["image_encoder.pos_embed"].float())
+    torch.testing.assert_close(
+        model.image_encoder.pos_embed, tiny_fixture["sammed3d_state_dict"]["image_encoder.pos_embed"].float()
+    )
 
 
 def test_official_msam_file_and_own_model_pt_roundtrip(tmp_path: Path, tiny_fixture: dict, tiny_kwargs: dict) -> None:

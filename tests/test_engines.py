@@ -10,8 +10,7 @@ import pytest
 import torch
 from conftest import make_blob_cases, msam_kwargs_from_reference_config, small_msam_kwargs
 from ignite.engine import Events
-from monai.data import DataLoader
-from monai.data import MetaTensor
+from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
 import msam_components.engines.interaction as interaction

@@ -82,7 +82,9 @@ def test_sammed3d_manifest_loads_strictly(reference_dir: Path) -> None:
     assert report.source_format == "sam-med3d" and len(report.loaded) == 324
     assert len(report.kept_initialised) == 12 * 4 + 89  # LoRA and MEA stay as initialised
     torch.testing.assert_close(model.image_encoder.blocks[0].attn.qkv.linear_a_q.weight, lora_before)
-    torch.testing.assert_close(model.image_encoder.blocks[0].attn.qkv.qkv.weight, state["image_encoder.blocks.0.attn.qkv.weight"])
+    torch.testing.assert_close(
+        model.image_encoder.blocks[0].attn.qkv.qkv.weight, state["image_encoder.blocks.0.attn.qkv.weight"]
+    )
     plain = MSAM(use_mea=False, lora_rank=0, encoder_trainable="frozen")
     assert load_pretrained(plain, state).ok
 

@@ -22,12 +22,13 @@ import json
 import os
 import re
 import sys
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
+
+from ..io import atomic_write
 
 __all__ = ["MAX_FILE_BYTES", "archive_configs", "build_archive", "main", "rewrite_config_for_archive"]
 
@@ -169,15 +170,7 @@ def build_archive(
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     target = output / f"{bundle.name}_v{version}.zip"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=output)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-        os.replace(tmp_name, target)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise
+    atomic_write(target, lambda f: f.write(buffer.getvalue()), binary=True)
     return target
 
 

@@ -15,7 +15,6 @@ from .layouts import (
     msd_target_labels,
     split_datalist,
 )
-
 from .lits import lits_datalist
 
 _SYNTHETIC = ("make_brats21_like", "make_imagestr_like", "make_kits19_like", "make_msd_like")

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..io import atomic_write
 
 __all__ = [
     "DEFAULT_TARGET_LABELS",
@@ -271,20 +272,8 @@ def _read_fold_file(fold_file: Path) -> tuple[list[str], list[str]]:
 
 
 def _write_json_atomic(path: Path, record: dict[str, Any]) -> None:
-    """Write JSON (indent 4) through a temporary file in the same folder and os.replace, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=4)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise
+    """Write JSON (indent 4) atomically, so readers never see half a fold file."""
+    atomic_write(path, lambda f: f.write(json.dumps(record, indent=4) + "\n"))
 
 
 def split_datalist(

@@ -4,32 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
+from ..io import atomic_write
+
 FORMAT = "msam-training-checkpoint/1"
 logger = logging.getLogger("msam_components")
 
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the target folder, fsync, then ``os.replace``: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``torch.save`` through :func:`msam_components.io.atomic_write`: never a half-written checkpoint."""
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def _as_bool(name: str, value: object) -> bool:
@@ -103,7 +92,9 @@ class TrainingCheckpoint:
             return
         ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
         if ckpt.get("format") != FORMAT:
-            raise ValueError(f"{self.path} is not a training checkpoint of this project (format {ckpt.get('format')!r})")
+            raise ValueError(
+                f"{self.path} is not a training checkpoint of this project (format {ckpt.get('format')!r})"
+            )
         _unwrap(self.network).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.lr_scheduler is not None and "lr_scheduler" in ckpt:

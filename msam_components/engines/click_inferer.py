@@ -126,7 +126,10 @@ class ClickInferer(Inferer):
                 raise ValueError(f"{name} click outside the {size}^3 model input: {pts.reshape(-1, 3).tolist()}")
         points = torch.cat([fg, bg], dim=1)
         labels = torch.cat(
-            [torch.ones(batch, fg.shape[1], dtype=torch.long, device=device), torch.zeros(batch, bg.shape[1], dtype=torch.long, device=device)],
+            [
+                torch.ones(batch, fg.shape[1], dtype=torch.long, device=device),
+                torch.zeros(batch, bg.shape[1], dtype=torch.long, device=device),
+            ],
             dim=1,
         )
         state = self.embedding_state(inputs, network, cache_key)

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,8 @@ import torch
 from monai.data import MetaTensor
 from monai.handlers import from_engine
 from monai.utils import convert_to_numpy
+
+from ..io import atomic_write
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -167,23 +168,6 @@ def summarise_click_metrics(
         "cases_without_lesion": [str(c) for c, flag in zip(case_ids, no_lesion) if flag],
         "no_lesion_policy": NO_LESION_POLICY,
     }
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
-    """Write ``path`` through a temporary file in the same folder and ``os.replace`` it, so no half file remains."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
 
 
 def _json_number(value: float) -> float | None:
@@ -339,8 +323,8 @@ class ClickMetricsHandler:
         """Write the CSV, the two JSON files and the plot (each atomically) into ``output_dir``."""
         out = self.output_dir
         if not self.summary_only:
-            _atomic_write(out / f"{self.prefix}{CSV_NAME}", lambda f: _write_csv(f, cases, dice, iou))
-        _atomic_write(out / f"{self.prefix}{SUMMARY_NAME}", lambda f: _dump_json(summary, f))
+            atomic_write(out / f"{self.prefix}{CSV_NAME}", lambda f: _write_csv(f, cases, dice, iou))
+        atomic_write(out / f"{self.prefix}{SUMMARY_NAME}", lambda f: _dump_json(summary, f))
         if self.summary_only:
             return
         metrics = {
@@ -354,10 +338,10 @@ class ClickMetricsHandler:
                 "per_case": {c: _json_number(v) for c, v in zip(cases, iou[:, -1])},
             },
         }
-        _atomic_write(out / f"{self.prefix}{METRICS_NAME}", lambda f: _dump_json(metrics, f))
+        atomic_write(out / f"{self.prefix}{METRICS_NAME}", lambda f: _dump_json(metrics, f))
         if self.save_plot:
             png = _plot_png(summary)
-            _atomic_write(out / f"{self.prefix}{PLOT_NAME}", lambda f: f.write(png), binary=True)
+            atomic_write(out / f"{self.prefix}{PLOT_NAME}", lambda f: f.write(png), binary=True)
 
 
 def _dump_json(obj: Any, f: Any) -> None:

@@ -12,8 +12,8 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.data import MetaTensor
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice, compute_iou
@@ -141,7 +141,11 @@ class IterativeClickRefinement(Randomizable):
 
     def _reseed(self, engine: SupervisedTrainer | SupervisedEvaluator) -> None:
         """Seed once per run (trainer) or at every epoch start (evaluator), offset by the distributed rank."""
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        rank = (
+            torch.distributed.get_rank()
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else 0
+        )
         first_of_epoch = (engine.state.iteration - 1) % max(engine.state.epoch_length or 1, 1) == 0
         evaluator = not isinstance(engine, SupervisedTrainer)
         if self.seed is not None and (self._seeded_rank is None or (evaluator and first_of_epoch)):
@@ -217,7 +221,9 @@ class IterativeClickRefinement(Randomizable):
         for i, kept in enumerate(keep.tolist()):
             if not kept:
                 self.skipped_without_lesion += 1
-                names.append(str(files[i]) if isinstance(files, (list, tuple)) and i < len(files) else f"batch item {i}")
+                names.append(
+                    str(files[i]) if isinstance(files, (list, tuple)) and i < len(files) else f"batch item {i}"
+                )
         logger.warning(
             f"skipped {len(names)} training case(s) without target lesion in the crop ({', '.join(names)}); "
             f"{self.skipped_without_lesion} skipped so far"

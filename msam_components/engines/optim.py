@@ -15,7 +15,9 @@ def msam_optimizer(
     Weight decay applies to every parameter (norms and biases included), as in the reference trainer.
     """
     model = getattr(model, "module", model)  # accept a DistributedDataParallel wrapper
-    return torch.optim.AdamW(msam_parameter_groups(model, lr, prompt_decoder_lr_scale), lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(
+        msam_parameter_groups(model, lr, prompt_decoder_lr_scale), lr=lr, weight_decay=weight_decay
+    )
 
 
 def msam_lr_milestones(num_epochs: int, fractions: tuple[float, ...] = (0.6, 0.9)) -> list[int]:

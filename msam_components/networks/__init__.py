@@ -1,11 +1,11 @@
 """M-SAM networks: image encoder, prompt encoder, mask decoder, MEA, LoRA, the model and checkpoint import."""
 
+from .checkpoint import CheckpointError, LoadReport, load_pretrained, load_pretrained_or_warn, read_checkpoint
 from .image_encoder import ImageEncoderViT3D
 from .lora import LoRAQKV
 from .mask_decoder import MaskDecoder3D
 from .mea import MaskEnhancedAdapter
 from .msam import MSAM, count_parameters, msam_parameter_groups, set_encoder_trainable
-from .checkpoint import CheckpointError, LoadReport, load_pretrained, load_pretrained_or_warn, read_checkpoint
 from .prompt_encoder import PromptEncoder3D
 
 __all__ = [

@@ -14,14 +14,15 @@ import torch
 from torch import nn
 
 
-
 def _numpy_scalar_globals() -> list[object]:
     """numpy's scalar/dtype reconstructors: trainers often save metrics such as ``best_dice`` as numpy scalars."""
     import numpy as np
 
     core = getattr(np, "_core", None) or np.core
     found: list[object] = [core.multiarray.scalar, np.dtype]
-    found += [getattr(np.dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType")]
+    found += [
+        getattr(np.dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType")
+    ]
     return found
 
 
@@ -211,7 +212,9 @@ def load_pretrained(
     )
     report.kept_initialised = sorted(model_keys - expected)
     if strict and not report.ok:
-        raise CheckpointError("checkpoint does not fit the network (strict=True); nothing was loaded.\n" + report.summary(20))
+        raise CheckpointError(
+            "checkpoint does not fit the network (strict=True); nothing was loaded.\n" + report.summary(20)
+        )
     bad = {m.split(":")[0] for m in report.mismatched}
     loadable = {k: v for k, v in state.items() if k in model_keys and k not in bad}
     network.load_state_dict(loadable, strict=False)

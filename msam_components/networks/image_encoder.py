@@ -159,7 +159,9 @@ class ImageEncoderViT3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expected = (self.image_size,) * 3
         if x.ndim != 5 or tuple(x.shape[2:]) != expected:
-            raise ValueError(f"image encoder expects [B, C, {expected[0]}, {expected[1]}, {expected[2]}], got {list(x.shape)}")
+            raise ValueError(
+                f"image encoder expects [B, C, {expected[0]}, {expected[1]}, {expected[2]}], got {list(x.shape)}"
+            )
         x = self.patch_embed(x) + self.pos_embed
         for block in self.blocks:
             x = block(x)

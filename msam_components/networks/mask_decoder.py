@@ -31,7 +31,12 @@ class MaskDecoder3D(nn.Module):
         super().__init__()
         self.transformer_dim = transformer_dim
         self.transformer = TwoWayTransformer3D(
-            transformer_depth, transformer_dim, transformer_num_heads, transformer_mlp_dim, attention_downsample_rate, norm_eps
+            transformer_depth,
+            transformer_dim,
+            transformer_num_heads,
+            transformer_mlp_dim,
+            attention_downsample_rate,
+            norm_eps,
         )
         self.num_mask_tokens = num_multimask_outputs + 1
         self.iou_token = nn.Embedding(1, transformer_dim)
@@ -72,7 +77,9 @@ class MaskDecoder3D(nn.Module):
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         grid = image_tokens.shape[2:]
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, self.transformer_dim, *grid))
-        hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+        )
         c, spatial = upscaled.shape[1], upscaled.shape[2:]
         masks = (hyper_in @ upscaled.reshape(b, c, -1)).reshape(b, -1, *spatial)
         return masks, self.iou_prediction_head(iou_token_out)

@@ -79,11 +79,15 @@ class MutualFeatureEnhancementBlock(nn.Module):
 
     def image_conv_stage(self, image: torch.Tensor) -> torch.Tensor:
         """``I'``: depends on the image embedding only, so it can be computed once per image."""
-        return self.image_addnorm1(self.image_conv2(nn.functional.gelu(self.image_norm(self.image_conv1(image)))) + image)
+        return self.image_addnorm1(
+            self.image_conv2(nn.functional.gelu(self.image_norm(self.image_conv1(image)))) + image
+        )
 
     def prompt_conv_stage(self, mask: torch.Tensor) -> torch.Tensor:
         """``M'``: the mask branch's local feature stage."""
-        return self.prompt_addnorm1(self.prompt_conv2(nn.functional.gelu(self.prompt_norm(self.prompt_conv1(mask)))) + mask)
+        return self.prompt_addnorm1(
+            self.prompt_conv2(nn.functional.gelu(self.prompt_norm(self.prompt_conv1(mask)))) + mask
+        )
 
     def forward(
         self, image: torch.Tensor, mask: torch.Tensor, image_conv: torch.Tensor | None = None
@@ -137,7 +141,10 @@ class MaskEnhancedAdapter(nn.Module):
         return {"image": image, "image_conv": self.bidirectional_attentions[0].image_conv_stage(image)}
 
     def forward(
-        self, image_embedding: torch.Tensor, mask_embedding: torch.Tensor, prepared: dict[str, torch.Tensor] | None = None
+        self,
+        image_embedding: torch.Tensor,
+        mask_embedding: torch.Tensor,
+        prepared: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         prepared = self.prepare_image(image_embedding) if prepared is None else prepared
         image, mask = prepared["image"], self.add_norm2(mask_embedding)

@@ -49,7 +49,9 @@ class PromptEncoder3D(nn.Module):
     ) -> None:
         super().__init__()
         if embed_dim % 3:
-            raise ValueError(f"prompt embed_dim must be divisible by 3 for the [sin, cos, sin] encoding, got {embed_dim}")
+            raise ValueError(
+                f"prompt embed_dim must be divisible by 3 for the [sin, cos, sin] encoding, got {embed_dim}"
+            )
         self.embed_dim = embed_dim
         self.image_embedding_size = tuple(image_embedding_size)
         self.input_image_size = tuple(input_image_size)
@@ -96,7 +98,9 @@ class PromptEncoder3D(nn.Module):
     def embed_mask(self, masks: torch.Tensor) -> torch.Tensor:
         """The paper's "mask encoder": ``[B, 1, 32, 32, 32]`` logits -> ``[B, C, 8, 8, 8]``."""
         if tuple(masks.shape[1:]) != (1, *self.mask_input_size):
-            raise ValueError(f"low-res mask must be [B, 1, {', '.join(map(str, self.mask_input_size))}], got {list(masks.shape)}")
+            raise ValueError(
+                f"low-res mask must be [B, 1, {', '.join(map(str, self.mask_input_size))}], got {list(masks.shape)}"
+            )
         return self.mask_downscaling(masks)
 
     def forward(

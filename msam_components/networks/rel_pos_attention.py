@@ -23,7 +23,11 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> 
 
 
 def decomposed_rel_pos_terms(
-    q: torch.Tensor, rel_pos_d: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: tuple[int, int, int]
+    q: torch.Tensor,
+    rel_pos_d: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: tuple[int, int, int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-axis logit terms for queries ``q`` ``[BH, D*H*W, c]`` (unscaled): each ``[BH, D, H, W, size_axis]``."""
     d, h, w = size
@@ -78,7 +82,12 @@ def add_rel_pos(
     elif layout == "sam-med3d":
         if not d == h == w:
             raise ValueError(f"rel_pos_layout='sam-med3d' needs a cubic token grid, got {size}")
-        attn = attn + rel_d[:, :, :, :, None, None, :] + rel_h[:, :, :, None, :, None, :] + rel_w[:, :, :, None, None, :, :]
+        attn = (
+            attn
+            + rel_d[:, :, :, :, None, None, :]
+            + rel_h[:, :, :, None, :, None, :]
+            + rel_w[:, :, :, None, None, :, :]
+        )
     else:
         raise ValueError(f"rel_pos_layout must be one of {REL_POS_LAYOUTS}, got {layout!r}")
     return attn.view(bh, d * h * w, d * h * w)

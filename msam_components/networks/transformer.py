@@ -89,7 +89,12 @@ class TwoWayTransformer3D(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(
             TwoWayAttentionBlock(
-                embedding_dim, num_heads, mlp_dim, attention_downsample_rate, skip_first_layer_pe=(i == 0), norm_eps=norm_eps
+                embedding_dim,
+                num_heads,
+                mlp_dim,
+                attention_downsample_rate,
+                skip_first_layer_pe=(i == 0),
+                norm_eps=norm_eps,
             )
             for i in range(depth)
         )
