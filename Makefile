@@ -34,3 +34,27 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu.py --threads 2
+
+# MONAI Label app (monailabel_app/): its own venv, since monailabel 0.8.5 needs numpy<2 and its declared deps pull
+# torchvision/sam2 builds that do not load beside the CPU torch; monailabel is installed --no-deps with the runtime deps
+# it imports listed in monailabel_app/requirements.txt.
+LABEL_VENV := .venv-label
+LABEL_PY := $(LABEL_VENV)/bin/python
+LABEL_STAMP := $(LABEL_VENV)/.installed-stamp
+
+.PHONY: label-venv test-label
+
+$(LABEL_STAMP): monailabel_app/requirements.txt setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(LABEL_VENV)
+	$(LABEL_PY) -m pip install --quiet --upgrade pip
+	$(LABEL_PY) -m pip install --quiet "torch==2.13.0" "monai==1.6.1" "numpy==1.26.4"
+	$(LABEL_PY) -m pip install --quiet --no-deps "monailabel==0.8.5"
+	grep -v -E '^(#|monailabel)' monailabel_app/requirements.txt | xargs -d '\n' $(LABEL_PY) -m pip install --quiet
+	$(LABEL_PY) -m pip install --quiet --no-deps -e .
+	$(LABEL_PY) -c "import monailabel.interfaces.app, monailabel.endpoints.infer"
+	touch $(LABEL_STAMP)
+
+label-venv: $(LABEL_STAMP)
+
+test-label: $(LABEL_STAMP)
+	$(LABEL_PY) -m pytest tests/test_monailabel_app.py $(PYTEST_ARGS)

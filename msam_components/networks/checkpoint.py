@@ -18,8 +18,11 @@ def _numpy_scalar_globals() -> list[object]:
     """numpy's scalar/dtype reconstructors: trainers often save metrics such as ``best_dice`` as numpy scalars."""
     import numpy as np
 
-    core = getattr(np, "_core", None) or np.core
-    found: list[object] = [core.multiarray.scalar, np.dtype]
+    try:  # numpy >= 2 (numpy 1.26 has a numpy._core shim that needs the explicit import)
+        from numpy._core.multiarray import scalar
+    except ImportError:  # pragma: no cover - older numpy
+        from numpy.core.multiarray import scalar
+    found: list[object] = [scalar, np.dtype]
     found += [
         getattr(np.dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType")
     ]

@@ -1,0 +1,209 @@
+"""A MONAI Label infer task that runs an M-SAM bundle's inference pipeline on user clicks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from fastapi import HTTPException
+from monai.bundle import ConfigParser
+from monai.transforms import Compose, SaveImaged
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+logger = logging.getLogger(__name__)
+
+CLICK_KEYS = ("foreground", "background")
+
+
+def bundle_label_name(metadata: dict[str, Any]) -> str:
+    """Name of the foreground class from ``network_data_format.outputs.pred.channel_def`` (e.g. "tumor")."""
+    channel_def = metadata.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
+    names = [str(v) for k, v in sorted(channel_def.items(), key=lambda kv: int(kv[0])) if str(v) != "background"]
+    return names[0] if names else "foreground"
+
+
+def validate_clicks(request: dict[str, Any]) -> dict[str, list[list[int]]]:
+    """Check the request's click lists (JSON voxel indices ``[[i, j, k], ...]``) and raise HTTP 400 naming the fault."""
+    clicks: dict[str, list[list[int]]] = {}
+    for key in CLICK_KEYS:
+        value = request.get(key, [])
+        if value is None:
+            value = []
+        if not isinstance(value, (list, tuple)):
+            raise HTTPException(400, f"{key!r} must be a list of [i, j, k] voxel indices, got {type(value).__name__}")
+        points = []
+        for point in value:
+            ok = isinstance(point, (list, tuple)) and len(point) == 3
+            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in point)
+            ok = ok and all(float(v).is_integer() for v in point)
+            if not ok:
+                raise HTTPException(400, f"{key!r}: each click must be [i, j, k] integer voxel indices, got {point!r}")
+            points.append([int(v) for v in point])
+        clicks[key] = points
+    if not clicks["foreground"] and not clicks["background"]:
+        raise HTTPException(400, "no click given: 'foreground' and 'background' are both empty or missing")
+    return clicks
+
+
+def check_clicks_inside(clicks: dict[str, list[list[int]]], shape: Sequence[int]) -> None:
+    """Raise HTTP 400 when a click lies outside the image array as stored (``0 <= index < shape`` per axis)."""
+    for key, points in clicks.items():
+        for point in points:
+            if any(not 0 <= v < s for v, s in zip(point, shape)):
+                raise HTTPException(400, f"{key!r}: click {point} is outside the image of shape {list(shape)}")
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of a chain (MONAI's Compose wraps transform errors in RuntimeError)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+class MSAMBundleInferTask(InferTask):
+    """Interactive M-SAM segmentation through one bundle's ``configs/inference.yaml`` (plus optional overlays).
+
+    Reuses the bundle's ``preprocessing``, ``network``, ``inferer`` (one ``ClickInferer`` per task, so its embedding
+    cache serves repeated requests on the same crop) and ``postprocessing`` up to thresholding (``SaveImaged`` is
+    dropped: the mask is written to a temporary NIfTI with the input's header, as MONAI Label expects).
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike,
+        ckpt_path: str | os.PathLike | None = None,
+        overlays: Sequence[str] = (),
+        device: str | None = None,
+    ) -> None:
+        """Read the bundle's metadata; the network is built on the first request (server start stays fast)."""
+        self.bundle_dir = Path(bundle_dir).resolve()
+        self.name = self.bundle_dir.name
+        self.config_files = [str(self.bundle_dir / "configs" / "inference.yaml"), *[str(o) for o in overlays]]
+        self.metadata = json.loads((self.bundle_dir / "configs" / "metadata.json").read_text())
+        self.ckpt_path = Path(ckpt_path) if ckpt_path else self.bundle_dir / "models" / "model.pt"
+        self.device = device
+        self.label_name = bundle_label_name(self.metadata)
+        self._lock = threading.Lock()
+        self._parts: dict[str, Any] | None = None
+        super().__init__(
+            type=InferType.DEEPGROW,
+            labels={self.label_name: 1},
+            dimension=3,
+            description=f"{self.metadata.get('name', self.name)}: {self.label_name} from foreground/background clicks",
+            config={
+                "bundle": str(self.bundle_dir),
+                "configs": ", ".join(self.config_files),
+                "weights": str(self.ckpt_path),
+                "weights_available": self.ckpt_path.is_file(),
+            },
+        )
+
+    def info(self) -> dict[str, Any]:
+        """Task info for /info/, including whether the weights file exists (checked now, not at start)."""
+        self._config["weights_available"] = self.ckpt_path.is_file()
+        info = super().info()
+        if not self.ckpt_path.is_file():
+            info["description"] += f" [no weights: put a checkpoint at {self.ckpt_path}]"
+        return info
+
+    def is_valid(self) -> bool:
+        """Always listed, so clients see the task and its missing weights instead of nothing."""
+        return True
+
+    def get_path(self, validate: bool = True) -> str | None:
+        """Path of the weights file (None when it does not exist and ``validate`` is set)."""
+        return str(self.ckpt_path) if (self.ckpt_path.is_file() or not validate) else None
+
+    def _build(self) -> dict[str, Any]:
+        """Parse the bundle configs once: preprocessing, network with weights, inferer, thresholding postprocessing."""
+        if self._parts is not None:
+            return self._parts
+        if not self.ckpt_path.is_file():
+            raise HTTPException(
+                503,
+                f"model '{self.name}' has no weights: expected a checkpoint at {self.ckpt_path} "
+                f"(put one there or start the server with --conf {self.name}_ckpt /path/to/model.pt)",
+            )
+        parser = ConfigParser()
+        parser.read_config(self.config_files)
+        parser["bundle_root"] = str(self.bundle_dir)
+        parser["ckpt_path"] = str(self.ckpt_path)
+        parser["output_dir"] = tempfile.gettempdir()
+        if self.device:
+            parser["device"] = f"$torch.device('{self.device}')"
+        post = parser.get_parsed_content("postprocessing")
+        transforms = [t for t in post.transforms if not isinstance(t, SaveImaged)]
+        self._parts = {
+            "device": parser.get_parsed_content("device"),
+            "preprocessing": parser.get_parsed_content("preprocessing"),
+            "network": parser.get_parsed_content("network"),
+            "inferer": parser.get_parsed_content("inferer"),
+            "postprocessing": Compose(transforms),
+        }
+        logger.info(f"M-SAM task {self.name}: loaded {self.ckpt_path} from {self.config_files}")
+        return self._parts
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Segment ``request["image"]`` from its clicks; return a temporary NIfTI mask in the input's geometry."""
+        clicks = validate_clicks(request)
+        image_path = request.get("image")
+        if not isinstance(image_path, str) or not os.path.isfile(image_path):
+            raise HTTPException(404, f"image not found in the datastore: {request.get('image')!r}")
+        try:
+            header_img = nib.load(image_path)
+        except Exception as err:  # noqa: BLE001 - any reader failure is the input's fault
+            raise HTTPException(400, f"cannot read image {os.path.basename(image_path)}: {err}") from err
+        check_clicks_inside(clicks, header_img.shape[:3])
+        with self._lock:
+            start = time.perf_counter()
+            parts = self._build()
+            loaded = time.perf_counter()
+            misses = parts["inferer"].cache.misses
+            try:
+                data = parts["preprocessing"]({"image": image_path, **clicks})
+            except Exception as err:  # noqa: BLE001 - map the input's faults to 4xx, the rest to 5xx
+                cause = _root_cause(err)
+                code = 400 if isinstance(cause, ValueError) else 500
+                raise HTTPException(code, f"preprocessing failed: {cause}") from err
+            device = parts["device"]
+            with torch.no_grad():
+                pred = parts["inferer"](
+                    data["image"][None].to(device),
+                    parts["network"],
+                    data["foreground"][None].to(device),
+                    data["background"][None].to(device),
+                )
+            data["pred"] = pred[0].detach().to("cpu")
+            data["image"] = data["image"].to("cpu")
+            data = parts["postprocessing"](data)
+            mask = np.asarray(data["pred"].detach().cpu().numpy()[0] > 0).astype(np.uint8)
+            encoder_ran = parts["inferer"].cache.misses > misses
+            latency, load = time.perf_counter() - start, loaded - start
+        if mask.shape != tuple(header_img.shape[:3]):
+            raise HTTPException(500, f"mask shape {mask.shape} differs from the image's {header_img.shape[:3]}")
+        out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix=f"{self.name}_", delete=False).name
+        header = header_img.header.copy()
+        header.set_data_dtype(np.uint8)
+        nib.save(nib.Nifti1Image(mask, header_img.affine, header), out)
+        params = {
+            "model": self.name,
+            "label_names": {self.label_name: 1},
+            "foreground": clicks["foreground"],
+            "background": clicks["background"],
+            "encoder_ran": encoder_ran,
+            "latency": {"total": round(latency, 4), "model_load": round(load, 4)},
+        }
+        logger.info(
+            f"M-SAM {self.name}: {latency:.3f}s, encoder {'ran' if encoder_ran else 'cached'}, {mask.sum()} vox"
+        )
+        return out, params
