@@ -398,3 +398,18 @@ def test_real_inference_pipeline_click_and_inverse(data_dir: Path, case: str) ->
     assert inverted.shape[1:] == nii.shape
     assert np.allclose(inverted.affine.numpy(), nii.affine, atol=1e-4)
     assert _dice(np.asarray(inverted[0]) > 0.5, mask) > 0.8
+
+
+def test_window_centred_on_first_click_stays_put_when_clicks_are_added() -> None:
+    """center="first": adding clicks does not move the window, so the cached image embedding stays valid."""
+    from msam_components.transforms import CropOrPadAroundClicksd
+
+    image = MetaTensor(torch.arange(60 * 50 * 40, dtype=torch.float32).reshape(1, 60, 50, 40))
+    first = {"image": image, "foreground": [[30, 25, 20]], "background": []}
+    more = {"image": image, "foreground": [[30, 25, 20], [36, 29, 24]], "background": [[28, 22, 19]]}
+    crops = {}
+    for center in ("first", "foreground"):
+        t = CropOrPadAroundClicksd(keys=("image",), spatial_size=24, center=center)
+        crops[center] = [t(dict(d))["image"] for d in (first, more)]
+    assert torch.equal(crops["first"][0], crops["first"][1])
+    assert not torch.equal(crops["foreground"][0], crops["foreground"][1])

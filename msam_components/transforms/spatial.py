@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 SPATIAL_DIMS = 3
-CENTER_MODES = ("foreground", "all")
+CENTER_MODES = ("first", "foreground", "all")
 
 
 @dataclass(frozen=True)
@@ -335,8 +335,9 @@ class MapClicksToImaged(MapTransform):
 class CropOrPadAroundClicksd(_CropOrPadd):
     """Crop-or-pad image keys to ``spatial_size`` around the clicks and shift the clicks into the window (inference).
 
-    The centre is the mean of the foreground clicks (``center="foreground"``; falls back to all clicks when there is
-    no foreground click) or of all clicks (``center="all"``). Clicks must already index the current grid (see
+    The centre is the first foreground click (``center="first"``: the window, and so the cached image embedding, stays
+    put while the user adds clicks), the mean of the foreground clicks (``center="foreground"``), or of all clicks
+    (``center="all"``); without a foreground click the background clicks stand in. Clicks must already index the current grid (see
     :class:`MapClicksToImaged`); they are rewritten as int64 ``[N, 3]`` indices into the window. A ValueError is
     raised, before anything is cropped, when a click falls outside the window: the model only sees ``spatial_size``
     voxels. Invertible for the image keys (``Invertd``); the clicks are not inverted.
@@ -368,7 +369,9 @@ class CropOrPadAroundClicksd(_CropOrPadd):
         if len(every) == 0:
             raise ValueError(f"no click given: all of {list(self.click_keys)} are empty or missing")
         fg = clicks.get(self.click_keys[0], every[:0])
-        centre_pts = fg if self.center == "foreground" and len(fg) else every
+        centre_pts = fg if self.center != "all" and len(fg) else every
+        if self.center == "first":
+            centre_pts = centre_pts[:1]
         shape = self._common_shape(d)
         box = compute_crop_or_pad_box(shape, centre_pts.to(torch.float64).mean(dim=0).tolist(), self.spatial_size)
         shifted = {key: box.to_window(pts) for key, pts in clicks.items()}
