@@ -24,12 +24,14 @@ from typing import Any
 
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.train import TrainTask
 
 APP_DIR = Path(__file__).resolve().parent
 if str(APP_DIR) not in sys.path:
     sys.path.insert(0, str(APP_DIR))
 
 from lib.bundle_infer import MSAMBundleInferTask  # noqa: E402
+from lib.bundle_train import MSAMBundleTrainTask  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,14 @@ class MSAMApp(MONAILabelApp):
             state = "weights " + str(task.ckpt_path) + ("" if task.ckpt_path.is_file() else " MISSING")
             logger.info(f"M-SAM task {name}: label {task.label_name!r}, {state}")
         return infers
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        """One train task per bundle: the bundle's train.yaml on the datastore's labelled images."""
+        trainers: dict[str, TrainTask] = {}
+        for name, task in self._infers.items():
+            if isinstance(task, MSAMBundleInferTask):
+                trainers[name] = MSAMBundleTrainTask(task.bundle_dir, task.ckpt_path, task.overlays, task.device)
+        return trainers
 
     def info(self) -> dict[str, Any]:
         """App info plus the bundle folder served."""

@@ -48,10 +48,14 @@ def _make_inputs(root: Path) -> tuple[Path, Path, list[int]]:
 
     from msam_components.data import make_kits19_like
 
-    make_kits19_like(root / "raw", num_cases=1, shape=(48, 40, 32))
+    make_kits19_like(root / "raw", num_cases=3, shape=(48, 40, 32))
     studies = root / "studies"
-    studies.mkdir()
-    shutil.copy(root / "raw" / "case_00000" / "imaging.nii.gz", studies / "case_00000.nii.gz")
+    (studies / "labels" / "final").mkdir(parents=True)
+    for case in ("case_00000", "case_00001", "case_00002"):  # labelled studies, as annotators save them (tumour = 1)
+        shutil.copy(root / "raw" / case / "imaging.nii.gz", studies / f"{case}.nii.gz")
+        seg = nib.load(str(root / "raw" / case / "segmentation.nii.gz"))
+        tumour = (np.asarray(seg.dataobj) == 2).astype(np.uint8)
+        nib.save(nib.Nifti1Image(tumour, seg.affine), str(studies / "labels" / "final" / f"{case}.nii.gz"))
     parser = ConfigParser()
     parser.read_config([str(REPO / "bundles" / "msam_kits19" / "configs" / "inference.yaml"), str(SMALL)])
     torch.manual_seed(0)
@@ -115,7 +119,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             if time.monotonic() > deadline:
                 pytest.fail(f"server not up in {START_TIMEOUT_S}s:\n{(root / 'server.log').read_text()[-4000:]}")
             time.sleep(1)
-        yield {"base": base, "image": studies / "case_00000.nii.gz", "click": click, "root": root}
+        yield {"base": base, "image": studies / "case_00000.nii.gz", "click": click, "root": root, "ckpt": ckpt}
     finally:
         proc.terminate()
         try:
@@ -197,3 +201,24 @@ def test_model_without_weights_says_so(server: dict) -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def test_train_from_monailabel_updates_the_served_weights(server: dict) -> None:
+    """POST /train/<model> runs the bundle's train.yaml on the labelled studies; inference then uses the new weights."""
+    import httpx
+
+    before = server["ckpt"].stat().st_mtime_ns
+    response = httpx.post(
+        f"{server['base']}/train/msam_kits19",
+        params={"run_sync": True},
+        json={"max_epochs": 1},
+        timeout=REQUEST_TIMEOUT_S * 3,
+    )
+    assert response.status_code == 200, response.text
+    stats = response.json()
+    assert stats["epochs"] == 1 and stats["train_cases"] == 2 and stats["weights_written"]
+    assert server["ckpt"].stat().st_mtime_ns != before, "training must write the served checkpoint"
+    again = _infer(server, {"foreground": [server["click"]], "background": []})
+    assert again.status_code == 200, again.text
+    bad = httpx.post(f"{server['base']}/train/msam_kits19", params={"run_sync": True}, json={"max_epochs": 0})
+    assert bad.status_code == 400 and "max_epochs" in bad.text

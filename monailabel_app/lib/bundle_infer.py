@@ -88,7 +88,8 @@ class MSAMBundleInferTask(InferTask):
         """Read the bundle's metadata; the network is built on the first request (server start stays fast)."""
         self.bundle_dir = Path(bundle_dir).resolve()
         self.name = self.bundle_dir.name
-        self.config_files = [str(self.bundle_dir / "configs" / "inference.yaml"), *[str(o) for o in overlays]]
+        self.overlays = [str(o) for o in overlays]
+        self.config_files = [str(self.bundle_dir / "configs" / "inference.yaml"), *self.overlays]
         self.metadata = json.loads((self.bundle_dir / "configs" / "metadata.json").read_text())
         self.ckpt_path = Path(ckpt_path) if ckpt_path else self.bundle_dir / "models" / "model.pt"
         self.device = device
@@ -126,7 +127,8 @@ class MSAMBundleInferTask(InferTask):
 
     def _build(self) -> dict[str, Any]:
         """Parse the bundle configs once: preprocessing, network with weights, inferer, thresholding postprocessing."""
-        if self._parts is not None:
+        mtime = self.ckpt_path.stat().st_mtime_ns if self.ckpt_path.is_file() else None
+        if self._parts is not None and self._parts["mtime"] == mtime:
             return self._parts
         if not self.ckpt_path.is_file():
             raise HTTPException(
@@ -143,7 +145,8 @@ class MSAMBundleInferTask(InferTask):
             parser["device"] = f"$torch.device('{self.device}')"
         post = parser.get_parsed_content("postprocessing")
         transforms = [t for t in post.transforms if not isinstance(t, SaveImaged)]
-        self._parts = {
+        self._parts = {  # rebuilt when the weights file changes (e.g. after training from MONAI Label)
+            "mtime": mtime,
             "device": parser.get_parsed_content("device"),
             "preprocessing": parser.get_parsed_content("preprocessing"),
             "network": parser.get_parsed_content("network"),
