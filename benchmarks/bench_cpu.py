@@ -79,15 +79,25 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+SHORT, SHORT_CALLS = ("windowed", "global", "decode"), 5
+
+
 def _interleaved(model: torch.nn.Module, fns: dict[str, object], repeats: int) -> dict[tuple[str, str], list[float]]:
-    """Seconds of each ``fns[name]()`` under each attention path, alternating the paths run by run (warm-up dropped)."""
+    """Seconds of each ``fns[name]()`` under each attention path, alternating the paths run by run (warm-up dropped).
+
+    Calls shorter than the encoder (``SHORT``) run ``SHORT_CALLS`` times per round, so their median has more samples.
+    """
     times: dict[tuple[str, str], list[float]] = {(n, i): [] for n in fns for i in IMPLS}
-    for _ in range(repeats + 1):  # the first round is a warm-up
+    for round_ in range(repeats + 1):  # the first round is a warm-up
         for impl in IMPLS:
             set_attention_impl(model, impl)
             for name, fn in fns.items():
-                times[(name, impl)] += timed(fn, 1)
-    return {key: values[1:] for key, values in times.items()}
+                calls = SHORT_CALLS if name in SHORT else 1
+                if round_ > 0:
+                    times[(name, impl)] += timed(fn, calls)
+                else:
+                    timed(fn, 1)
+    return times
 
 
 def _timing_row(label: str, times: dict[tuple[str, str], list[float]], name: str, fmt: str) -> str:
@@ -124,17 +134,23 @@ def main() -> None:
             embeddings[impl] = model.encode(image)
         diff = (embeddings["fast"] - embeddings["reference"]).abs().max().item()
         tokens = encoder.patch_embed(image) + encoder.pos_embed
-        state = model.prepare_embedding(embeddings["reference"])
         points, labels = torch.tensor([[[64, 60, 70]]]), torch.tensor([[1]])
-        low = torch.zeros(1, 1, *model.low_res_size)
+        # a realistic feedback mask: the first click's own logits, as in the click loop
+        low = model.decode(model.prepare_embedding(embeddings["reference"]), points, labels, None)
+        states, decoded = {}, {}
+        for impl in IMPLS:  # each path's own per-image state (the fast one caches the MEA's composed mask kernel)
+            set_attention_impl(model, impl)
+            states[impl] = model.prepare_embedding(embeddings["reference"])
+            decoded[impl] = model.decode(states[impl], points, labels, low)
+        decode_diff = (decoded["fast"] - decoded["reference"]).abs().max().item()
         fns = {
             "encoder": lambda: model.encode(image),
             "windowed": lambda: encoder.blocks[0](tokens),
             "global": lambda: encoder.blocks[2](tokens),
-            "decode": lambda: model.decode(state, points, labels, low),
+            "decode": lambda: model.decode(states[model.attention_impl], points, labels, low),
         }
         t = _interleaved(model, fns, args.repeats)
-    del model, encoder, state, embeddings
+    del model, encoder, states, embeddings
 
     memory = {impl: _run_isolated("encode", impl, args.threads, 1) for impl in IMPLS}
     train = {"fast": _run_isolated("train", "fast", args.threads, 1)}
@@ -144,6 +160,7 @@ def main() -> None:
 
     print(f"Full-size M-SAM (LoRA r=16, MEA), float32, batch 1, CPU: {_cpu_name()}, {os.cpu_count()} logical cores,")
     print(f"torch {torch.__version__}, {args.threads} threads, {date.today()}, timings: median (min) of {args.repeats}")
+    print(f"runs ({args.repeats * SHORT_CALLS} for the block and decode rows)")
     print(
         "interleaved runs after one warm-up; train: one step; memory: peak RSS rise in a fresh process"
         + ("" if exact else "*")
@@ -166,6 +183,7 @@ def main() -> None:
     label = "train step peak RSS rise over model + AdamW state (MiB)"
     print(_row(label, ref_train["peak_rise_mib"] if ref_train else None, train["fast"]["peak_rise_mib"], ".0f"))
     print(f"| max abs diff of the encoder output, fast vs reference | | {diff:.1e} | |")
+    print(f"| max abs diff of the per-click low-res logits, fast vs reference | | {decode_diff:.1e} | |")
     if not exact:
         print(
             "\n*/proc/self/clear_refs was refused: memory rows are the rise above the model-building peak (lower bound)"

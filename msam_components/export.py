@@ -61,7 +61,7 @@ def state_names(model: MSAM) -> tuple[str, ...]:
 
 
 class EncoderForExport(nn.Module):
-    """``image [B, 1, S, S, S]`` -> ``prepare_embedding(encode(image))`` as a tuple in :func:`state_names` order.
+    """``image [B, 1, S, S, S]`` -> ``prepare_image_state(encode(image))`` as a tuple in :func:`state_names` order.
 
     Holds only the image encoder and the MEA (not the decoder), so the saved artifact carries only the weights it uses;
     it runs :class:`MSAM`'s own methods on itself, so the exported graph is the model's code, not a copy of it.
@@ -74,18 +74,20 @@ class EncoderForExport(nn.Module):
         self.names = state_names(model)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        state = MSAM.prepare_embedding(self, MSAM.encode(self, image))  # type: ignore[arg-type]
+        state = MSAM.prepare_image_state(self, MSAM.encode(self, image))  # type: ignore[arg-type]
         return tuple(state[name] for name in self.names)
 
 
 class DecodeStepForExport(nn.Module):
     """``(*state, points [B,N,3], point_labels [B,N], low_res_mask [B,1,L,L,L])`` -> low-res logits: one click step.
 
-    Holds only the prompt encoder, MEA and mask decoder (no image encoder) and runs :meth:`MSAM.decode` on them.
+    Holds only the prompt encoder, MEA and mask decoder (no image encoder) and runs :meth:`MSAM.decode` on them, with
+    the model's ``attention_impl`` (on the fast path the MEA's composed mask kernel is part of the traced step).
     """
 
     def __init__(self, model: MSAM) -> None:
         super().__init__()
+        self.attention_impl = model.attention_impl
         self.prompt_encoder = model.prompt_encoder
         self.mea = model.mea
         self.mask_decoder = model.mask_decoder

@@ -18,9 +18,9 @@ CPU = torch.device("cpu")
 
 
 def _evaluate(net: MSAM, cases: list[dict], amp: bool) -> tuple[float, set[torch.dtype]]:
-    """Mean Dice at the last click, and the dtypes the decoder's output layer computed in."""
+    """Mean Dice at the last click, and the dtypes of the mask decoder's low-res logits."""
     dtypes: set[torch.dtype] = set()
-    hook = net.mask_decoder.output_upscaling.register_forward_hook(lambda m, i, o: dtypes.add(o.dtype))
+    hook = net.mask_decoder.register_forward_hook(lambda m, i, o: dtypes.add(o[0].dtype))
     evaluator = SupervisedEvaluator(
         device=CPU,
         val_data_loader=DataLoader(cases, batch_size=2),
@@ -30,7 +30,9 @@ def _evaluate(net: MSAM, cases: list[dict], amp: bool) -> tuple[float, set[torch
         amp_kwargs={"dtype": torch.bfloat16},
     )
     dice: list[torch.Tensor] = []
-    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: dice.extend(o["click_dice"] for o in e.state.output))
+    evaluator.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: dice.extend(o["click_dice"] for o in e.state.output)
+    )
     evaluator.run()
     hook.remove()
     return float(torch.stack(dice)[:, -1].mean()), dtypes

@@ -51,12 +51,12 @@ def _rel_pos_bias(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, real: Size3
     ``"sam-med3d"``: ``a`` is ``[BH, d, h, w, S]`` and ``b, c`` are ``[BH, d, h, S, S]`` (query line position, key w).
     """
     d, h, w = real
-    if layout == "decomposed":
-        bias = a[..., :d, None, None] + b[..., None, :h, None] + c[..., None, None, :w]
-    else:
-        bias = a[:, :, :, :, None, None, :w] + b[:, :, :, None, :d, None, :w] + c[:, :, :, None, None, :h, :w]
     n = d * h * w
-    return bias.reshape(-1, n, n)
+    if layout == "decomposed":
+        return (a[..., :d, None, None] + b[..., None, :h, None] + c[..., None, None, :w]).reshape(-1, n, n)
+    # sum the two small query-line terms first ([BH, d, h, p, q, r]), then one 4-D broadcast add (contiguous result)
+    bc = b[:, :, :, :d, None, :w] + c[:, :, :, None, :h, :w]
+    return (a[..., :w].reshape(-1, w, 1, w) + bc.reshape(-1, 1, d * h, w)).view(-1, n, n)
 
 
 def global_attention(attn: RelPosSelfAttention, x: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,15 @@ class LayerNorm3d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_std(x)[0]
+
+    def forward_with_std(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised output and the per-voxel ``sqrt(var + eps)`` it divided by (``[B, 1, ...]``)."""
         mean = x.mean(dim=1, keepdim=True)
         var = (x - mean).pow(2).mean(dim=1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None, None] * x + self.bias[:, None, None, None]
+        std = torch.sqrt(var + self.eps)
+        x = (x - mean) / std
+        return self.weight[:, None, None, None] * x + self.bias[:, None, None, None], std
 
 
 class MLPBlock(nn.Module):

@@ -2,15 +2,24 @@
 
 The data flow follows M-SAM's released code (``BiDirectionalAttentionNetwork``), which produced the published numbers;
 parameter names follow its state dict so official checkpoints load one to one. See docs in ``msam_reference.md`` §2.
+
+Fast path (``attention_impl="fast"`` with a :class:`FactoredDense` mask embedding): the mask encoder ends in a 1x1
+convolution from 16 channels, and the MEA's input LayerNorm only subtracts a per-voxel mean and divides by a per-voxel
+scale, so the normalised mask is ``A @ [z / s, 1 / s, 1]`` per voxel with a ``[384, 18]`` matrix ``A`` built from the
+parameters. The mask branch's 3x3x3 convolution is linear and zero-padded, so it equals a convolution of those 18
+channels with the composed kernel ``conv1.weight @ A``: 12x fewer multiply-adds on the costliest per-click layer, with
+the same result up to float rounding (tested against the plain computation).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import LayerNorm3d, MLPBlock
-from .rel_pos_attention import RelPosSelfAttention
+from .prompt_encoder import FactoredDense
+from .rel_pos_attention import RelPosSelfAttention, check_attention_impl
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -83,18 +92,24 @@ class MutualFeatureEnhancementBlock(nn.Module):
             self.image_conv2(nn.functional.gelu(self.image_norm(self.image_conv1(image)))) + image
         )
 
-    def prompt_conv_stage(self, mask: torch.Tensor) -> torch.Tensor:
-        """``M'``: the mask branch's local feature stage."""
-        return self.prompt_addnorm1(
-            self.prompt_conv2(nn.functional.gelu(self.prompt_norm(self.prompt_conv1(mask)))) + mask
-        )
+    def prompt_conv_stage(self, mask: torch.Tensor, conv1_out: torch.Tensor | None = None) -> torch.Tensor:
+        """``M'``: the mask branch's local feature stage; ``conv1_out`` may pass ``prompt_conv1(mask)`` computed apart."""
+        conv1_out = self.prompt_conv1(mask) if conv1_out is None else conv1_out
+        return self.prompt_addnorm1(self.prompt_conv2(nn.functional.gelu(self.prompt_norm(conv1_out))) + mask)
 
     def forward(
-        self, image: torch.Tensor, mask: torch.Tensor, image_conv: torch.Tensor | None = None
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        image_conv: torch.Tensor | None = None,
+        mask_conv1: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the enhanced (image, mask) embeddings; ``image_conv`` may pass a cached ``image_conv_stage(image)``."""
+        """Return the enhanced (image, mask) embeddings.
+
+        ``image_conv`` may pass a cached ``image_conv_stage(image)`` and ``mask_conv1`` a ``prompt_conv1(mask)``.
+        """
         image_feat = self.image_conv_stage(image) if image_conv is None else image_conv
-        mask_feat = self.prompt_conv_stage(mask)
+        mask_feat = self.prompt_conv_stage(mask, mask_conv1)
         image_out = self.image_addnorm2(self.image_multiheadattn(image_feat + image + mask) + image_feat)
         image_out = self.image_addnorm3(_channels_first(self.mlp1(_channels_last(image_out))) + image_out)
         mask_out = self.prompt_addnorm2(self.prompt_multiheadattn(image + mask_feat + mask) + mask_feat)
@@ -119,8 +134,10 @@ class MaskEnhancedAdapter(nn.Module):
         num_blocks: int = 1,
         eps: float = 1e-6,
         rel_pos_layout: str = "sam-med3d",
+        attention_impl: str = "reference",
     ) -> None:
         super().__init__()
+        self.attention_impl = check_attention_impl(attention_impl)
         mlp_dim = int(channels * mlp_ratio)
         self.bidirectional_attentions = nn.ModuleList(
             MutualFeatureEnhancementBlock(channels, num_heads, mlp_dim, tuple(input_size), eps, rel_pos_layout)
@@ -140,17 +157,72 @@ class MaskEnhancedAdapter(nn.Module):
         image = self.add_norm3(image_embedding)
         return {"image": image, "image_conv": self.bidirectional_attentions[0].image_conv_stage(image)}
 
+    def mask_conv_kernel(self, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The composed kernel of :func:`low_rank_mask_conv` for factored masks with this ``weight`` and ``bias``.
+
+        It depends on parameters only, so callers compute it once per image (or step) and pass it to :meth:`forward`.
+        """
+        return mask_conv_kernel(self.bidirectional_attentions[0].prompt_conv1, self.add_norm2, weight, bias)
+
+    def normalise_mask(
+        self, mask_embedding: torch.Tensor | FactoredDense, kernel: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``add_norm2(mask_embedding)`` and, on the fast path, the first MFEB's ``prompt_conv1`` of it (else None).
+
+        ``kernel`` may pass :meth:`mask_conv_kernel` of ``mask_embedding``'s weight and bias, computed earlier.
+        """
+        if not isinstance(mask_embedding, FactoredDense):
+            return self.add_norm2(mask_embedding), None
+        mask, std = self.add_norm2.forward_with_std(mask_embedding.materialise())
+        if self.attention_impl != "fast":
+            return mask, None
+        if kernel is None:
+            kernel = self.mask_conv_kernel(mask_embedding.weight, mask_embedding.bias)
+        return mask, low_rank_mask_conv(self.bidirectional_attentions[0].prompt_conv1, kernel, mask_embedding.z, std)
+
     def forward(
         self,
         image_embedding: torch.Tensor,
-        mask_embedding: torch.Tensor,
+        mask_embedding: torch.Tensor | FactoredDense,
         prepared: dict[str, torch.Tensor] | None = None,
+        mask_kernel: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Decoder image tokens from the image embedding and the dense mask embedding (plain or factored).
+
+        ``prepared`` may pass :meth:`prepare_image` and ``mask_kernel`` the matching :meth:`mask_conv_kernel`.
+        """
         prepared = self.prepare_image(image_embedding) if prepared is None else prepared
-        image, mask = prepared["image"], self.add_norm2(mask_embedding)
-        image_out, mask_out = self.bidirectional_attentions[0](image, mask, image_conv=prepared["image_conv"])
+        image = prepared["image"]
+        mask, mask_conv1 = self.normalise_mask(mask_embedding, mask_kernel)
+        first = self.bidirectional_attentions[0]
+        image_out, mask_out = first(image, mask, image_conv=prepared["image_conv"], mask_conv1=mask_conv1)
         for block in self.bidirectional_attentions[1:]:
             image_out, mask_out = block(image_out, mask_out)
         fused = image_out + image + mask_out + mask
         x = self.add_norm(self.multi_head_self_attention(fused) + fused)
         return x + _channels_first(self.mlp(_channels_last(x)))
+
+
+def mask_conv_kernel(conv: nn.Conv3d, norm: LayerNorm3d, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``conv.weight`` composed with ``A = [g * (W - mean_c W), g * (b - mean b), beta]``: ``[C_out, k + 2, ...]``.
+
+    ``norm(W z + b)`` equals ``A @ [z / std, 1 / std, 1]`` per voxel (``std`` the scale ``norm`` divides by), so
+    ``conv`` of it equals a convolution of those ``k + 2`` channels with this kernel.
+    """
+    gain = norm.weight[:, None]
+    mix = torch.cat([gain * (weight - weight.mean(0)), gain * (bias - bias.mean())[:, None], norm.bias[:, None]], 1)
+    out_ch, in_ch = conv.weight.shape[:2]
+    # [C_out, C_in, 27] x [C_in, k + 2] as one batched matmul over C_out: no copy of the large kernel
+    kernel = mix.t() @ conv.weight.reshape(out_ch, in_ch, -1)
+    return kernel.reshape(out_ch, mix.shape[1], *conv.weight.shape[2:])
+
+
+def low_rank_mask_conv(conv: nn.Conv3d, kernel: torch.Tensor, z: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``conv(norm(W z + b))`` computed on ``k + 2`` channels ``[z / std, 1 / std, 1]`` instead of ``C``.
+
+    ``kernel`` is :func:`mask_conv_kernel` for ``W``, ``b`` and ``norm``; ``std`` the per-voxel scale ``norm`` divided
+    by (:meth:`LayerNorm3d.forward_with_std`). Exact in real arithmetic; zero padding commutes since ``A`` is linear.
+    """
+    inv = std.reciprocal()
+    channels = torch.cat([z * inv, inv, torch.ones_like(inv)], 1)
+    return F.conv3d(channels, kernel, conv.bias, conv.stride, conv.padding, conv.dilation)

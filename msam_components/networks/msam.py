@@ -54,8 +54,10 @@ class MSAM(nn.Module):
     upstream broadcasting of the relative-position terms that the pretrained weights expect; ``"decomposed"`` is the
     textbook MViTv2 form (for training from scratch only). ``attention_impl="fast"`` (default) computes the encoder
     and MEA attention exactly but without materialising the window padding, via ``scaled_dot_product_attention``
-    (``fast_attention.py``; about 10x faster encoder on CPU); ``"reference"`` is the straightforward padded computation
-    it is tested against. Neither changes parameters.
+    (``fast_attention.py``; about 10x faster encoder on CPU), and takes the exact fast per-click paths: the MEA's
+    mask-branch convolution on the factored mask embedding (``mea.py``) and a fused, selected-masks-only decoder
+    upscaling (``mask_decoder.py``). ``"reference"`` is the straightforward computation all of them are tested
+    against. Neither changes parameters; :func:`set_attention_impl` switches a built model.
 
     Contract: :meth:`encode` runs once per image, :meth:`decode` once per click, :meth:`forward` does both.
     """
@@ -131,6 +133,7 @@ class MSAM(nn.Module):
             attention_downsample_rate=decoder_attention_downsample_rate,
             iou_head_depth=iou_head_depth,
             iou_head_hidden_dim=iou_head_hidden_dim,
+            attention_impl=attention_impl,
         )
         self.mea = (
             MaskEnhancedAdapter(
@@ -144,8 +147,7 @@ class MSAM(nn.Module):
             if use_mea
             else None
         )
-        if self.mea is not None:
-            set_attention_impl(self.mea, attention_impl)
+        set_attention_impl(self, attention_impl)
         self.lora_rank = lora_rank
         if lora_rank > 0:
             for block in self.image_encoder.blocks:
@@ -161,7 +163,16 @@ class MSAM(nn.Module):
         return self.image_encoder(image)
 
     def prepare_embedding(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-image state for :meth:`decode`: the embedding plus the MEA's image-only stage (skips it on every click)."""
+        """Per-image state for :meth:`decode`: :meth:`prepare_image_state` plus, on the fast path, the MEA's composed
+        mask kernel (it depends on parameters only; computing it per image keeps it in step with training)."""
+        state = self.prepare_image_state(embedding)
+        if self.mea is not None and self.attention_impl == "fast":
+            last = self.prompt_encoder.mask_downscaling[-1]
+            state["mask_kernel"] = self.mea.mask_conv_kernel(last.weight.flatten(1), last.bias)
+        return state
+
+    def prepare_image_state(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The embedding plus the MEA's image-only stage (so no click recomputes it)."""
         state = {"embedding": embedding}
         if self.mea is not None:
             state.update(self.mea.prepare_image(embedding))
@@ -190,10 +201,13 @@ class MSAM(nn.Module):
             if point_labels is None or tuple(point_labels.shape) != tuple(points.shape[:2]):
                 got = None if point_labels is None else list(point_labels.shape)
                 raise ValueError(f"point_labels must be [B, N] = {list(points.shape[:2])}, got {got}")
-        sparse, dense = self.prompt_encoder(points, point_labels, low_res_mask, batch)
+        # the fast MEA path reads the dense embedding in factored form (16 channels instead of 384)
+        factored = self.mea is not None and self.attention_impl == "fast"
+        sparse, dense = self.prompt_encoder(points, point_labels, low_res_mask, batch, factored=factored)
         if self.mea is not None:
             prepared = state if "image_conv" in state else None
-            image_tokens = self.mea(image_embedding, dense, prepared=prepared)
+            kernel = state.get("mask_kernel") if low_res_mask is not None else None
+            image_tokens = self.mea(image_embedding, dense, prepared=prepared, mask_kernel=kernel)
         else:
             image_tokens = image_embedding + dense
         masks, iou = self.mask_decoder(image_tokens, self.prompt_encoder.get_dense_pe(), sparse, multimask_output)

@@ -50,10 +50,13 @@ def check_attention_impl(attention_impl: str) -> str:
 
 
 def set_attention_impl(module: nn.Module, attention_impl: str) -> None:
-    """Switch every :class:`RelPosSelfAttention` inside ``module`` to ``attention_impl`` (no parameter changes)."""
+    """Switch ``module`` and every submodule with an ``attention_impl`` to ``attention_impl`` (no parameter changes).
+
+    That covers the attention layers, the MEA and the mask decoder, whose fast per-click paths follow the same switch.
+    """
     check_attention_impl(attention_impl)
     for sub in module.modules():
-        if isinstance(sub, RelPosSelfAttention):
+        if hasattr(sub, "attention_impl"):
             sub.attention_impl = attention_impl
 
 
