@@ -15,6 +15,7 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
 import msam_components.engines.interaction as interaction
 from msam_components.engines import (
+    ClickHistory,
     ClickInferer,
     ClickMetricsHandler,
     EmbeddingCache,
@@ -187,11 +188,51 @@ def test_click_inferer_caches_embedding_and_matches_manual_chain() -> None:
         inferer(image, net, foreground=[[1, 2]])
 
 
+def test_click_inferer_resumes_from_cached_clicks_with_replay_results() -> None:
+    """A session of growing, edited and reordered click lists: resumed results equal full replays, fewer decodes."""
+    torch.manual_seed(0)
+    net = MSAM(**small_msam_kwargs()).eval()
+    images = [torch.randn(1, 1, 64, 64, 64), torch.randn(1, 1, 64, 64, 64)]
+    session = [  # (image, foreground, background, clicks the resuming inferer must decode)
+        (0, [[30, 31, 32]], [], 1),
+        (0, [[30, 31, 32]], [], 0),  # same clicks again
+        (0, [[30, 31, 32]], [[5, 6, 7]], 1),  # appended background click
+        (0, [[30, 31, 32]], [[5, 6, 7], [9, 9, 9]], 1),
+        (0, [[30, 31, 32], [20, 20, 20]], [[5, 6, 7], [9, 9, 9]], 3),  # a foreground click goes before the background
+        (1, [[30, 31, 32]], [], 1),  # another image, then back: each image keeps its own history
+        (0, [[30, 31, 32], [20, 20, 20]], [[5, 6, 7]], 0),  # a click removed: the cached prefix covers the rest
+        (0, [[30, 31, 33]], [], 1),  # first click moved: nothing reusable
+    ]
+    resuming, replaying = ClickInferer(), ClickInferer(reuse_clicks=False)
+    decode_calls = []
+    original_decode = net.decode
+    net.decode = lambda *a, **k: (decode_calls.append(1), original_decode(*a, **k))[1]  # type: ignore[method-assign]
+    with torch.no_grad():
+        for image, fg, bg, expected_decodes in session:
+            decode_calls.clear()
+            out = resuming(images[image], net, foreground=fg, background=bg)
+            assert resuming.last_decoded == len(decode_calls) == expected_decodes, (fg, bg)
+            torch.testing.assert_close(out, replaying(images[image], net, foreground=fg, background=bg), rtol=0, atol=0)
+            assert replaying.last_decoded == len(fg) + len(bg)
+    with torch.enable_grad():  # with autograd on, every click is decoded again (cached logits carry no graph)
+        decode_calls.clear()
+        resuming(images[0], net, foreground=[[30, 31, 33]], background=[])
+        assert len(decode_calls) == 1
+    resuming.cache.put(EmbeddingCache.key_for(images[0]), resuming.cache.get(EmbeddingCache.key_for(images[0])))
+    assert resuming.cache.history(EmbeddingCache.key_for(images[0])) is None  # a new state drops its history
+
+
 def test_embedding_cache_is_bounded() -> None:
     cache = EmbeddingCache(max_items=2)
     for key in "abc":
         cache.put(key, {"embedding": torch.zeros(1)})
     assert len(cache) == 2 and cache.get("a") is None and cache.get("c") is not None
+    history = ClickHistory(torch.zeros(1, 1, 3), torch.ones(1, 1), [torch.zeros(1)])
+    cache.put_history("b", history)
+    cache.put_history("a", history)  # evicted image: not recorded
+    assert cache.history("b") is history and cache.history("a") is None
+    cache.put("d", {"embedding": torch.zeros(1)})  # evicts "b" and its history
+    assert cache.history("b") is None
 
 
 def test_optimiser_and_schedule_follow_the_paper() -> None:

@@ -199,9 +199,6 @@ def test_model_without_weights_says_so(server: dict) -> None:
     assert "no weights" in resp.json()["detail"]
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-v"]))
-
 
 def test_train_from_monailabel_updates_the_served_weights(server: dict) -> None:
     """POST /train/<model> runs the bundle's train.yaml on the labelled studies; inference then uses the new weights."""
@@ -222,3 +219,48 @@ def test_train_from_monailabel_updates_the_served_weights(server: dict) -> None:
     assert again.status_code == 200, again.text
     bad = httpx.post(f"{server['base']}/train/msam_kits19", params={"run_sync": True}, json={"max_epochs": 0})
     assert bad.status_code == 400 and "max_epochs" in bad.text
+
+
+def test_cached_image_stage_reproduces_the_full_preprocessing(tmp_path: Path) -> None:
+    """The app's per-file cache of the image-only preprocessing gives the same model input, clicks and inversion."""
+    import copy
+
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose, SaveImaged
+
+    sys.path.insert(0, str(REPO / "monailabel_app"))
+    from lib.bundle_infer import split_preprocessing
+
+    studies, _, click = _make_inputs(tmp_path)
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles" / "msam_kits19" / "configs" / "inference.yaml"), str(SMALL)])
+    pre = parser.get_parsed_content("preprocessing")
+    post = Compose([t for t in parser.get_parsed_content("postprocessing").transforms if not isinstance(t, SaveImaged)])
+    image_stage, click_stage = split_preprocessing(pre)
+    assert len(image_stage.transforms) > 0 and len(click_stage.transforms) == 2
+    image = str(studies / "case_00000.nii.gz")
+    cached = image_stage({"image": image})
+    for fg, bg in (([click], []), ([click], [[click[0] + 4, click[1], click[2]]])):  # the cache is reused, unchanged
+        full = pre({"image": image, "foreground": fg, "background": bg})
+        staged = click_stage({**copy.deepcopy(cached), "foreground": fg, "background": bg})
+        assert torch.equal(staged["image"].as_tensor(), full["image"].as_tensor())
+        for key in ("foreground", "background"):
+            assert torch.equal(torch.as_tensor(staged[key]), torch.as_tensor(full[key]))
+        assert [op["class"] for op in staged["image"].applied_operations] == [
+            op["class"] for op in full["image"].applied_operations
+        ]
+        inverted = [post({**d, "pred": d["image"][:1].clone()})["pred"] for d in (full, staged)]
+        assert inverted[0].shape[1:] == inverted[1].shape[1:] == nib_shape(image)
+        assert torch.equal(inverted[0].as_tensor(), inverted[1].as_tensor())
+
+
+def nib_shape(path: str) -> tuple[int, ...]:
+    """Spatial shape of a NIfTI file as stored."""
+    import nibabel as nib
+
+    return tuple(nib.load(path).shape[:3])
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,25 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose, SaveImaged
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from msam_components.transforms import CropOrPadAroundClicksd, MapClicksToImaged
+
 logger = logging.getLogger(__name__)
 
 CLICK_KEYS = ("foreground", "background")
+CLICK_TRANSFORMS = (MapClicksToImaged, CropOrPadAroundClicksd)
+PREPARED_IMAGES = 2  # preprocessed images kept per task (an annotator works on one image at a time)
+
+
+def split_preprocessing(preprocessing: Compose) -> tuple[Compose, Compose]:
+    """Split a bundle's preprocessing before its first click transform: an image-only stage, cacheable per file, and
+    the click-dependent rest. Without a click transform everything stays in the second stage (nothing is cached).
+
+    The stages keep the original transform objects, so the bundle's ``Invertd`` (built on the whole preprocessing)
+    still inverts what they record.
+    """
+    transforms = list(preprocessing.flatten().transforms)
+    first = next((i for i, t in enumerate(transforms) if isinstance(t, CLICK_TRANSFORMS)), 0)
+    return Compose(transforms[:first]), Compose(transforms[first:])
 
 
 def bundle_label_name(metadata: dict[str, Any]) -> str:
@@ -145,16 +163,36 @@ class MSAMBundleInferTask(InferTask):
             parser["device"] = f"$torch.device('{self.device}')"
         post = parser.get_parsed_content("postprocessing")
         transforms = [t for t in post.transforms if not isinstance(t, SaveImaged)]
+        preprocessing = parser.get_parsed_content("preprocessing")
+        image_stage, click_stage = split_preprocessing(preprocessing)
         self._parts = {  # rebuilt when the weights file changes (e.g. after training from MONAI Label)
             "mtime": mtime,
             "device": parser.get_parsed_content("device"),
-            "preprocessing": parser.get_parsed_content("preprocessing"),
+            "preprocessing": preprocessing,
+            "image_stage": image_stage,
+            "click_stage": click_stage,
+            "prepared_images": OrderedDict(),
             "network": parser.get_parsed_content("network"),
             "inferer": parser.get_parsed_content("inferer"),
             "postprocessing": Compose(transforms),
         }
         logger.info(f"M-SAM task {self.name}: loaded {self.ckpt_path} from {self.config_files}")
         return self._parts
+
+    @staticmethod
+    def _preprocess(parts: dict[str, Any], image_path: str, clicks: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """The bundle's preprocessing; its image-only stage is cached per file (path, mtime, size), so a click on the
+        same image skips loading, reorientation and resampling. Returns the data and whether the cache served it."""
+        stat = os.stat(image_path)
+        key = (image_path, stat.st_mtime_ns, stat.st_size)
+        cache = parts["prepared_images"]
+        cached = key in cache
+        if not cached:
+            cache[key] = parts["image_stage"]({"image": image_path})
+            while len(cache) > PREPARED_IMAGES:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return parts["click_stage"]({**copy.deepcopy(cache[key]), **clicks}), cached
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Segment ``request["image"]`` from its clicks; return a temporary NIfTI mask in the input's geometry."""
@@ -173,7 +211,7 @@ class MSAMBundleInferTask(InferTask):
             loaded = time.perf_counter()
             misses = parts["inferer"].cache.misses
             try:
-                data = parts["preprocessing"]({"image": image_path, **clicks})
+                data, image_cached = self._preprocess(parts, image_path, clicks)
             except Exception as err:  # noqa: BLE001 - map the input's faults to 4xx, the rest to 5xx
                 cause = _root_cause(err)
                 code = 400 if isinstance(cause, ValueError) else 500
@@ -191,6 +229,7 @@ class MSAMBundleInferTask(InferTask):
             data = parts["postprocessing"](data)
             mask = np.asarray(data["pred"].detach().cpu().numpy()[0] > 0).astype(np.uint8)
             encoder_ran = parts["inferer"].cache.misses > misses
+            decoded = getattr(parts["inferer"], "last_decoded", None)
             latency, load = time.perf_counter() - start, loaded - start
         if mask.shape != tuple(header_img.shape[:3]):
             raise HTTPException(500, f"mask shape {mask.shape} differs from the image's {header_img.shape[:3]}")
@@ -204,9 +243,12 @@ class MSAMBundleInferTask(InferTask):
             "foreground": clicks["foreground"],
             "background": clicks["background"],
             "encoder_ran": encoder_ran,
+            "clicks_decoded": decoded,
+            "image_cached": image_cached,
             "latency": {"total": round(latency, 4), "model_load": round(load, 4)},
         }
         logger.info(
-            f"M-SAM {self.name}: {latency:.3f}s, encoder {'ran' if encoder_ran else 'cached'}, {mask.sum()} vox"
+            f"M-SAM {self.name}: {latency:.3f}s, encoder {'ran' if encoder_ran else 'cached'}, "
+            f"{decoded} click(s) decoded, {mask.sum()} vox"
         )
         return out, params

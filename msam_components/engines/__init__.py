@@ -1,7 +1,7 @@
 """Ignite/MONAI engine parts: the click-loop iteration, click inferer, per-click metrics, optimiser and schedule."""
 
 from .checkpointing import TrainingCheckpoint, atomic_torch_save
-from .click_inferer import ClickInferer, EmbeddingCache
+from .click_inferer import ClickHistory, ClickInferer, EmbeddingCache
 from .click_metrics import ClickMetricsHandler, summarise_click_metrics
 from .interaction import CLICK_DICE, CLICK_IOU, ClickSimulator, IterativeClickRefinement, binarise, msam_loss
 from .optim import msam_lr_milestones, msam_lr_scheduler, msam_optimizer
@@ -9,6 +9,7 @@ from .optim import msam_lr_milestones, msam_lr_scheduler, msam_optimizer
 __all__ = [
     "CLICK_DICE",
     "CLICK_IOU",
+    "ClickHistory",
     "ClickInferer",
     "ClickMetricsHandler",
     "ClickSimulator",

@@ -6,6 +6,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from monai.data import MetaTensor
@@ -16,14 +17,38 @@ from ..networks.msam import MSAM
 ClickList = Sequence[Sequence[int]] | torch.Tensor | None
 
 
+class ClickHistory(NamedTuple):
+    """The clicks last decoded on one image (``points [B, N, 3]``, ``labels [B, N]``) and the logits after each."""
+
+    points: torch.Tensor
+    labels: torch.Tensor
+    low_res: list[torch.Tensor]
+
+    def common_prefix(self, points: torch.Tensor, labels: torch.Tensor) -> int:
+        """How many leading clicks of ``points``/``labels`` equal this history's (0 when the batch differs)."""
+        if points.shape[0] != self.points.shape[0]:
+            return 0
+        n = 0
+        for i in range(min(points.shape[1], self.points.shape[1])):
+            if not (torch.equal(points[:, i], self.points[:, i]) and torch.equal(labels[:, i], self.labels[:, i])):
+                break
+            n += 1
+        return n
+
+
 class EmbeddingCache:
-    """Bounded LRU cache of per-image decoder state (``MSAM.prepare_embedding``), so later clicks skip the encoder."""
+    """Bounded LRU cache of per-image decoder state (``MSAM.prepare_embedding``), so later clicks skip the encoder.
+
+    Each image's entry also keeps its :class:`ClickHistory`, evicted with it, so a request that repeats the previous
+    clicks and adds some only decodes the added ones.
+    """
 
     def __init__(self, max_items: int = 4) -> None:
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         self.max_items = max_items
         self._items: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._history: dict[str, ClickHistory] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -50,12 +75,25 @@ class EmbeddingCache:
         with self._lock:
             self._items[key] = state
             self._items.move_to_end(key)
+            self._history.pop(key, None)  # a new state invalidates the logits decoded on the old one
             while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
+                self._history.pop(self._items.popitem(last=False)[0], None)
+
+    def history(self, key: str) -> ClickHistory | None:
+        """The clicks last decoded on image ``key`` and their logits (None if none, or the image was evicted)."""
+        with self._lock:
+            return self._history.get(key)
+
+    def put_history(self, key: str, history: ClickHistory) -> None:
+        """Record ``history`` for image ``key`` (ignored when the image is no longer cached)."""
+        with self._lock:
+            if key in self._items:
+                self._history[key] = history
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._history.clear()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -84,15 +122,23 @@ class ClickInferer(Inferer):
     ``mode="sequential"`` (default, as in training) decodes one click at a time in the order foreground clicks then
     background clicks, each step fed the previous low-res logits; ``mode="together"`` decodes all clicks in one step.
     The image embedding is cached per image (``cache``), so repeated requests on the same image only run the decoder.
-    Returns full-resolution logits ``[B, 1, 128, 128, 128]``; without any click the bare-image prediction is returned.
+    With ``reuse_clicks`` (sequential mode, no autograd) the logits after each click are cached too, and a request
+    that starts with the previous request's clicks resumes after them: the result is the same as replaying every click
+    (tested), but an added click costs one decode instead of one per click so far. ``last_decoded`` says how many
+    clicks the last call decoded. Returns full-resolution logits ``[B, 1, 128, 128, 128]``; without any click the
+    bare-image prediction is returned.
     """
 
-    def __init__(self, mode: str = "sequential", cache: EmbeddingCache | None = None) -> None:
+    def __init__(
+        self, mode: str = "sequential", cache: EmbeddingCache | None = None, reuse_clicks: bool = True
+    ) -> None:
         super().__init__()
         if mode not in ("sequential", "together"):
             raise ValueError(f"mode must be 'sequential' or 'together', got {mode!r}")
         self.mode = mode
         self.cache = cache if cache is not None else EmbeddingCache()
+        self.reuse_clicks = reuse_clicks
+        self.last_decoded = 0
 
     def embedding_state(self, inputs: torch.Tensor, network: MSAM, cache_key: str | None = None) -> dict:
         """Cached ``prepare_embedding(encode(inputs))`` for this image."""
@@ -132,12 +178,24 @@ class ClickInferer(Inferer):
             ],
             dim=1,
         )
-        state = self.embedding_state(inputs, network, cache_key)
+        key = cache_key or EmbeddingCache.key_for(inputs)
+        state = self.embedding_state(inputs, network, key)
+        self.last_decoded = 1
         if points.shape[1] == 0:
             return network.upsample(network.decode(state, None, None, None))
         low_res = inputs.new_zeros(batch, 1, *network.low_res_size)
         if self.mode == "together":
             return network.upsample(network.decode(state, points, labels, low_res))
-        for i in range(points.shape[1]):
+        reuse = self.reuse_clicks and not torch.is_grad_enabled()
+        history = self.cache.history(key) if reuse else None
+        done = history.common_prefix(points, labels) if history is not None else 0
+        steps = history.low_res[:done] if history is not None else []
+        if done:
+            low_res = steps[-1]
+        for i in range(done, points.shape[1]):
             low_res = network.decode(state, points[:, i : i + 1], labels[:, i : i + 1], low_res)
+            steps.append(low_res)
+        self.last_decoded = points.shape[1] - done
+        if reuse:
+            self.cache.put_history(key, ClickHistory(points, labels, steps))
         return network.upsample(low_res)

@@ -66,7 +66,7 @@ class MaskDecoder3D(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         multimask_output: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(masks, iou_pred)``: mask 0 only (``[B,1,...]``, ``[B,1]``) or masks 1..3 when ``multimask_output``."""
+        """``(masks, iou_pred)``: mask 0 only (``[B,1,...]``, ``[B,1]``) or masks 1..3 when ``multimask_output``."""
         sel = slice(1, None) if multimask_output else slice(0, 1)
         if self.attention_impl == "fast":
             hs, src = self._transform(image_tokens, image_pe, sparse_prompt_embeddings)

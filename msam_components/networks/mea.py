@@ -93,7 +93,7 @@ class MutualFeatureEnhancementBlock(nn.Module):
         )
 
     def prompt_conv_stage(self, mask: torch.Tensor, conv1_out: torch.Tensor | None = None) -> torch.Tensor:
-        """``M'``: the mask branch's local feature stage; ``conv1_out`` may pass ``prompt_conv1(mask)`` computed apart."""
+        """``M'``: the mask branch's local feature stage (``conv1_out``: a precomputed ``prompt_conv1(mask)``)."""
         conv1_out = self.prompt_conv1(mask) if conv1_out is None else conv1_out
         return self.prompt_addnorm1(self.prompt_conv2(nn.functional.gelu(self.prompt_norm(conv1_out))) + mask)
 
