@@ -93,7 +93,7 @@ class TrainStep:
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             clicks = ClickSimulator(self.label, self.rng)
             logits = self.model(self.image, click_fn=clicks, num_clicks=num_clicks or self.num_clicks)
-            loss = sum(self.loss_fn(logits[:, k : k + 1].float(), self.label) for k in range(logits.shape[1]))
+            loss = sum(self.loss_fn(click.float(), self.label) for click in logits.split(1, dim=1))
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())

@@ -1,12 +1,15 @@
-"""The fast per-click path (factored mask embedding, low-rank MEA convolution, fused decoder upscaling) is exact."""
+"""The fast per-click path (factored mask embedding, low-rank MEA conv, fused decoder upscaling, separable upsampling)
+is exact."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from msam_components.networks import MSAM, MaskDecoder3D, PromptEncoder3D
+from msam_components.networks.interpolation import separable_trilinear
 from msam_components.networks.layers import LayerNorm3d
 from msam_components.networks.mea import low_rank_mask_conv, mask_conv_kernel
 from msam_components.networks.prompt_encoder import FactoredDense
@@ -127,3 +130,37 @@ def test_state_prepared_on_one_path_decodes_on_the_other() -> None:
         ref_state = model.prepare_embedding(model.encode(image))
         set_attention_impl(model, "fast")
         torch.testing.assert_close(model.decode(ref_state, points, labels, low), fast_out, **F64)
+
+
+@pytest.mark.parametrize(
+    "shape, size",
+    [((1, 1, 8, 8, 8), (32, 32, 32)), ((2, 3, 5, 7, 4), (9, 20, 13)), ((1, 2, 8, 6, 8), (3, 5, 8))],
+    ids=["x4", "non-integer", "downsampling"],
+)
+def test_separable_trilinear_equals_interpolate(shape: tuple, size: tuple) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(*shape[:2], *size, dtype=torch.float64)
+    outs, grads = [], []
+    for fn in (
+        lambda t: F.interpolate(t, size=size, mode="trilinear", align_corners=False),
+        lambda t: separable_trilinear(t, size),
+    ):
+        out = fn(x)
+        (out * weight).sum().backward()
+        outs.append(out.detach())
+        grads.append(x.grad.clone())
+        x.grad = None
+    torch.testing.assert_close(outs[1], outs[0], **F64)
+    torch.testing.assert_close(grads[1], grads[0], **F64)
+
+
+def test_separable_trilinear_keeps_the_input_dtype_under_autocast() -> None:
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert separable_trilinear(x, (32, 32, 32)).dtype == torch.float32
+        low = x.to(torch.bfloat16)
+        out = separable_trilinear(low, (32, 32, 32))
+    expected = F.interpolate(low.float(), size=(32, 32, 32), mode="trilinear", align_corners=False)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)

@@ -199,7 +199,6 @@ def test_model_without_weights_says_so(server: dict) -> None:
     assert "no weights" in resp.json()["detail"]
 
 
-
 def test_train_from_monailabel_updates_the_served_weights(server: dict) -> None:
     """POST /train/<model> runs the bundle's train.yaml on the labelled studies; inference then uses the new weights."""
     import httpx

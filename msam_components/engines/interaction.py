@@ -238,7 +238,8 @@ class IterativeClickRefinement(Randomizable):
         with torch.autocast(device_type, **engine.amp_kwargs) if engine.amp else nullcontext():
             logits, simulator = self._loop(engine, inputs, label)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            loss = sum(engine.loss_function(logits[:, k : k + 1], label) for k in range(logits.shape[1]))
+            # split, not logits[:, k : k + 1]: each slice's backward would fill a full-size zero gradient of all clicks
+            loss = sum(engine.loss_function(click_logits, label) for click_logits in logits.split(1, dim=1))
         engine.state.output[Keys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if engine.amp and engine.scaler is not None:
