@@ -53,7 +53,7 @@ def main() -> None:
         for n in range(4, 11):  # a longer session: background clicks appended one by one, up to 10 clicks
             fg, bg = requests[-1][1], requests[-1][2]
             requests += ((f"click {n}: background added", fg, [*bg, [c[0] + 6 + n, c[1] - n, c[2]]]),)
-        columns = ("request", "wall (s)", "encoder ran", "image cached", "clicks decoded")
+        columns = ("request", "wall (s)", "encoder ran", "image cached", "decode steps")
         print(f"| {' | '.join(columns)} | (threads: {torch.get_num_threads()}) |")
         print("|---|---|---|---|---|---|")
         for name, fg, bg in requests:
@@ -61,7 +61,7 @@ def main() -> None:
             result = app.infer({"model": "msam_kits19", "image": "case_00000", "foreground": fg, "background": bg})
             wall = time.perf_counter() - start
             params = result["params"]
-            cells = (name, f"{wall:.2f}", params["encoder_ran"], params["image_cached"], params["clicks_decoded"])
+            cells = (name, f"{wall:.2f}", params["encoder_ran"], params["image_cached"], params["decode_steps"])
             print(f"| {' | '.join(map(str, cells))} | |")
     finally:
         shutil.rmtree(work, ignore_errors=True)

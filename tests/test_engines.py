@@ -211,9 +211,9 @@ def test_click_inferer_resumes_from_cached_clicks_with_replay_results() -> None:
         for image, fg, bg, expected_decodes in session:
             decode_calls.clear()
             out = resuming(images[image], net, foreground=fg, background=bg)
-            assert resuming.last_decoded == len(decode_calls) == expected_decodes, (fg, bg)
+            assert resuming.last_decode_steps == len(decode_calls) == expected_decodes, (fg, bg)
             torch.testing.assert_close(out, replaying(images[image], net, foreground=fg, background=bg), rtol=0, atol=0)
-            assert replaying.last_decoded == len(fg) + len(bg)
+            assert replaying.last_decode_steps == len(fg) + len(bg)
     with torch.enable_grad():  # with autograd on, every click is decoded again (cached logits carry no graph)
         decode_calls.clear()
         resuming(images[0], net, foreground=[[30, 31, 33]], background=[])

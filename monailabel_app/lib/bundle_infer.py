@@ -229,7 +229,7 @@ class MSAMBundleInferTask(InferTask):
             data = parts["postprocessing"](data)
             mask = np.asarray(data["pred"].detach().cpu().numpy()[0] > 0).astype(np.uint8)
             encoder_ran = parts["inferer"].cache.misses > misses
-            decoded = getattr(parts["inferer"], "last_decoded", None)
+            decode_steps = getattr(parts["inferer"], "last_decode_steps", None)
             latency, load = time.perf_counter() - start, loaded - start
         if mask.shape != tuple(header_img.shape[:3]):
             raise HTTPException(500, f"mask shape {mask.shape} differs from the image's {header_img.shape[:3]}")
@@ -243,12 +243,12 @@ class MSAMBundleInferTask(InferTask):
             "foreground": clicks["foreground"],
             "background": clicks["background"],
             "encoder_ran": encoder_ran,
-            "clicks_decoded": decoded,
+            "decode_steps": decode_steps,
             "image_cached": image_cached,
             "latency": {"total": round(latency, 4), "model_load": round(load, 4)},
         }
         logger.info(
             f"M-SAM {self.name}: {latency:.3f}s, encoder {'ran' if encoder_ran else 'cached'}, "
-            f"{decoded} click(s) decoded, {mask.sum()} vox"
+            f"{decode_steps} decode step(s), {mask.sum()} vox"
         )
         return out, params

@@ -124,8 +124,8 @@ class ClickInferer(Inferer):
     The image embedding is cached per image (``cache``), so repeated requests on the same image only run the decoder.
     With ``reuse_clicks`` (sequential mode, no autograd) the logits after each click are cached too, and a request
     that starts with the previous request's clicks resumes after them: the result is the same as replaying every click
-    (tested), but an added click costs one decode instead of one per click so far. ``last_decoded`` says how many
-    clicks the last call decoded. Returns full-resolution logits ``[B, 1, 128, 128, 128]``; without any click the
+    (tested), but an added click costs one decode instead of one per click so far. ``last_decode_steps`` says how
+    many decoder runs the last call made. Returns full-resolution logits ``[B, 1, 128, 128, 128]``; without any click the
     bare-image prediction is returned.
     """
 
@@ -138,7 +138,7 @@ class ClickInferer(Inferer):
         self.mode = mode
         self.cache = cache if cache is not None else EmbeddingCache()
         self.reuse_clicks = reuse_clicks
-        self.last_decoded = 0
+        self.last_decode_steps = 0
 
     def embedding_state(self, inputs: torch.Tensor, network: MSAM, cache_key: str | None = None) -> dict:
         """Cached ``prepare_embedding(encode(inputs))`` for this image."""
@@ -180,7 +180,7 @@ class ClickInferer(Inferer):
         )
         key = cache_key or EmbeddingCache.key_for(inputs)
         state = self.embedding_state(inputs, network, key)
-        self.last_decoded = 1
+        self.last_decode_steps = 1
         if points.shape[1] == 0:
             return network.upsample(network.decode(state, None, None, None))
         low_res = inputs.new_zeros(batch, 1, *network.low_res_size)
@@ -195,7 +195,7 @@ class ClickInferer(Inferer):
         for i in range(done, points.shape[1]):
             low_res = network.decode(state, points[:, i : i + 1], labels[:, i : i + 1], low_res)
             steps.append(low_res)
-        self.last_decoded = points.shape[1] - done
+        self.last_decode_steps = points.shape[1] - done
         if reuse:
             self.cache.put_history(key, ClickHistory(points, labels, steps))
         return network.upsample(low_res)

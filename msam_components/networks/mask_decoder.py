@@ -15,9 +15,9 @@ class MaskDecoder3D(nn.Module):
     """Predicts ``[B, 1, 32, 32, 32]`` low-res mask logits (and an IoU estimate) from fused image tokens and prompts.
 
     The caller fuses the dense prompt into the image tokens (``image + dense`` for SAM-Med3D, the MEA for M-SAM), so
-    the decoder takes ``image_tokens`` directly. ``attention_impl="fast"`` computes only the returned masks and runs
-    the last (kernel 2, stride 2, so non-overlapping) transposed convolution as one matmul whose output the
-    hypernetwork contraction reads in place; ``"reference"`` computes all masks with the plain layers, then selects.
+    the decoder takes ``image_tokens`` directly. ``attention_impl="fast"`` computes only the returned masks, channels
+    last, with each (kernel 2, stride 2, so non-overlapping) transposed convolution as one matmul and no transposes
+    until one final permutation; ``"reference"`` computes all masks with the plain layers, then selects.
     """
 
     def __init__(
