@@ -169,6 +169,11 @@ def test_compliance_by_hand_positive_negative_and_padding():
     assert s["compliance_positive"] == 1.0 and s["num_negative_clicks"] == 0 and s["compliance_negative"] is None
     assert s["compliance_negative_per_click"] == [None, None] and s["compliance_positive_per_click"] == [1.0, None]
     json.dumps(s, allow_nan=False)
+    # padding clicks are excluded by their label even if an engine gives them a number instead of NaN
+    s = summarise_click_metrics(["a"], [[0.5, 0.6, 0.7]], [[0.4, 0.5, 0.6]], [[1.0, 0.0, 0.0]], [[1, -1, 0]])
+    assert (s["compliance_positive"], s["num_positive_clicks"]) == (1.0, 1)
+    assert (s["compliance_negative"], s["num_negative_clicks"], s["num_padding_clicks"]) == (0.0, 1, 1)
+    assert s["compliance_per_click"] == [1.0, None, 0.0]
 
 
 def test_compliance_absent_is_reported_as_none():

@@ -29,7 +29,7 @@ from monai.handlers import from_engine
 from monai.utils import convert_to_numpy
 
 from ..io import atomic_write
-from .interaction import CLICK_DICE, CLICK_IOU, CLICK_LABELS
+from .interaction import CLICK_COMPLIANCE, CLICK_DICE, CLICK_IOU, CLICK_LABELS
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -54,7 +54,6 @@ __all__ = [
     "summarise_click_metrics",
 ]
 
-CLICK_COMPLIANCE = "click_compliance"  # the engine output key of IterativeClickRefinement's per-click compliance
 CSV_NAME = "click_metrics.csv"
 SUMMARY_NAME = "click_metrics_summary.json"
 METRICS_NAME = "metrics.json"
