@@ -3,6 +3,7 @@
 from .click_sampling import PADDING_LABEL, Click, error_regions, sample_click, sample_clicks_batch
 from .clicks import SimulateClickd
 from .intensity import NormalizeIntensityAboved
+from .paste import PasteWindowd, paste_window, window_geometry
 from .spatial import (
     CropOrPadAroundClicksd,
     CropOrPadAroundLabeld,
@@ -21,11 +22,14 @@ __all__ = [
     "CropPadBox",
     "MapClicksToImaged",
     "NormalizeIntensityAboved",
+    "PasteWindowd",
     "SimulateClickd",
     "ValidateVolumesd",
     "compute_crop_or_pad_box",
     "error_regions",
     "parse_clicks",
+    "paste_window",
     "sample_click",
     "sample_clicks_batch",
+    "window_geometry",
 ]
