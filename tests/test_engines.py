@@ -13,7 +13,7 @@ from ignite.engine import Events
 from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
-import msam_components.engines.interaction as interaction
+import msam_components.engines.click_simulator as click_simulator
 from msam_components.engines import (
     ClickHistory,
     ClickInferer,
@@ -54,7 +54,7 @@ def test_engine_chain_reproduces_reference_logits(tiny_fixture: dict, monkeypatc
         seen_logits.append(pred)
         return fx["points"][i].view(1, 1, 3), fx["point_labels"][i].view(1, 1)
 
-    monkeypatch.setattr(interaction, "sample_clicks_batch", fixed_clicks)
+    monkeypatch.setattr(click_simulator, "sample_clicks_batch", fixed_clicks)
     image = fx["image_int8"].float() * fx["image_scale"]
     case = {"image": MetaTensor(image[0]), "label": MetaTensor((image[0] > 2).float())}
     evaluator = _evaluator(net, [case], IterativeClickRefinement(num_clicks=3, keep_click_logits=True), batch_size=1)

@@ -72,33 +72,158 @@ def _save_nifti(array: np.ndarray, path: Path, spacing: Sequence[float]) -> None
     nib.save(image, str(path))
 
 
-def _ct_case(rng: np.random.Generator, shape: Shape) -> tuple[np.ndarray, np.ndarray]:
-    """Return a CT-like volume (int16 HU) and its labels (uint8: 1 kidney, 2 tumour attached to one kidney)."""
-    size = np.array(shape, dtype=float)
-    centre = size / 2.0 + rng.uniform(-0.03, 0.03, size=3) * size
-    body = _ellipsoid(shape, centre, size * np.array([0.45, 0.38, 0.9]))
-    spine = _ellipsoid(shape, centre + size * [0.0, 0.22, 0.0], size * np.array([0.06, 0.06, 2.0])) & body
+# Hounsfield units of a contrast-enhanced abdominal CT (KiTS19 is a late-arterial/portal-venous phase): the kidney
+# enhances more than a renal tumour, which lies between soft tissue and kidney; the look-alikes (unlabelled bowel loops
+# and cysts) share the tumour's range, and the liver is close to it.
+CT_HU: dict[str, tuple[float, float]] = {
+    "fat": (-120.0, -80.0),
+    "soft_tissue": (20.0, 60.0),
+    "kidney": (150.0, 200.0),
+    "tumour": (60.0, 110.0),
+    "liver": (115.0, 135.0),
+    "bone": (350.0, 550.0),
+}
+_DEFAULT_FOV_MM = 144.0  # the in-plane field of view of the default KiTS19-like case; sizes below scale with it
+
+
+def _mm_grid(shape: Shape, spacing: Sequence[float]) -> list[np.ndarray]:
+    """Open grid of voxel-centre coordinates in millimetres (broadcastable to ``shape``)."""
+    return [g * float(s) for g, s in zip(np.ogrid[: shape[0], : shape[1], : shape[2]], spacing)]
+
+
+def _ellipsoid_mm(grid: list[np.ndarray], centre: Sequence[float], radii: Sequence[float]) -> np.ndarray:
+    """Boolean mask of an axis-aligned ellipsoid given in millimetres."""
+    return sum(((g - c) / max(float(r), 0.5)) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
+
+
+def _lumpy_mm(
+    rng: np.random.Generator, grid: list[np.ndarray], shape: Shape, centre: np.ndarray, radius: float
+) -> np.ndarray:
+    """An irregular lesion of about ``radius`` mm: 2-4 overlapping ellipsoids with a lobulated, noisy outline."""
+    dist = np.full(shape, np.inf)
+    for lobe in range(int(rng.integers(2, 5))):
+        radii = radius * rng.uniform(0.6, 1.0, size=3)
+        offset = np.zeros(3) if lobe == 0 else rng.normal(size=3) * radius * 0.4
+        dist = np.minimum(dist, sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre + offset, radii)))
+    # a smooth random field (4^3 control points) bends the outline so that it is not a union of ellipsoids
+    field = ndimage.zoom(rng.normal(size=(4, 4, 4)), [s / 4.0 for s in shape], order=1)
+    return dist <= 1.0 + 0.3 * field[: shape[0], : shape[1], : shape[2]]
+
+
+def _place_blobs(
+    rng: np.random.Generator,
+    grid: list[np.ndarray],
+    shape: Shape,
+    count: int,
+    centres: Sequence[np.ndarray],
+    radius_range: tuple[float, float],
+    allowed: np.ndarray,
+    taken: np.ndarray,
+) -> list[np.ndarray]:
+    """Draw ``count`` irregular blobs around the candidate centres, inside ``allowed``, each 2 voxels from the others."""
+    blobs: list[np.ndarray] = []
+    for _ in range(40 * max(count, 1)):
+        if len(blobs) == count:
+            break
+        centre = np.asarray(centres[int(rng.integers(len(centres)))], dtype=float)
+        blob = _lumpy_mm(rng, grid, shape, centre, rng.uniform(*radius_range)) & allowed
+        if blob.sum() < 8 or (ndimage.binary_dilation(blob, iterations=2) & taken).any():
+            continue
+        blobs.append(blob)
+        taken = taken | blob
+    return blobs
+
+
+def _ct_case(
+    rng: np.random.Generator,
+    shape: Shape,
+    spacing: Sequence[float] = (1.5, 1.5, 2.5),
+    num_lesions: tuple[int, int] = (2, 4),
+    num_mimics: tuple[int, int] = (1, 3),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return a contrast CT-like volume (int16 HU) and its labels (uint8: 1 kidney, 2 tumour).
+
+    Several irregular tumours grow out of the kidneys (some also touching the liver, of similar density), and
+    unlabelled look-alikes of tumour density lie elsewhere in the abdomen, so one click cannot segment a case and a
+    model has to follow the clicks to tell a tumour from a look-alike. All tumours of a case lie within about 110 mm
+    (at the default size) so that a 128-voxel window at 1.5 mm, or 64 voxels at 2 mm, holds them.
+    """
+    grid = _mm_grid(shape, spacing)
+    fov = np.array(shape, dtype=float) * np.asarray(spacing, dtype=float)
+    scale = min(fov[0], fov[1]) / _DEFAULT_FOV_MM
+    centre = fov / 2.0 + rng.uniform(-0.03, 0.03, size=3) * fov
+    body_radii = np.array([0.46 * fov[0], 0.4 * fov[1], fov[2]])
+    body = _ellipsoid_mm(grid, centre, body_radii)
+    inner = _ellipsoid_mm(grid, centre, body_radii - np.array([8.0, 8.0, 0.0]) * scale)  # under subcutaneous fat
+    spine = _ellipsoid_mm(grid, centre + [0.0, 0.25 * fov[1], 0.0], [10.0 * scale, 10.0 * scale, fov[2]]) & body
+    kidney_radii = np.array([22.0, 18.0, 48.0]) * scale * rng.uniform(0.9, 1.1, size=3)
+    kidney_centres = [
+        centre + np.array([side * 0.19 * fov[0], 0.1 * fov[1], 0.0]) + rng.uniform(-3, 3, size=3) * scale
+        for side in (-1.0, 1.0)
+    ]
+    kidneys = np.zeros(shape, dtype=bool)
+    perirenal = np.zeros(shape, dtype=bool)
+    for kc in kidney_centres:
+        kidneys |= _ellipsoid_mm(grid, kc, kidney_radii)
+        perirenal |= _ellipsoid_mm(grid, kc, kidney_radii + 6.0 * scale)
+    kidneys &= inner
+    liver_centre = kidney_centres[0] + np.array([-6.0, -0.22 * fov[1], -0.25 * fov[2]]) * np.array([scale, 1, 1])
+    liver = _ellipsoid_mm(grid, liver_centre, np.array([40.0, 30.0, 45.0]) * scale) & inner & ~perirenal
+    # tumours: centred on a kidney's surface, bulging out; some of them reach the liver
+    surface = []
+    for kc in kidney_centres:
+        for _ in range(12):
+            direction = rng.normal(size=3) * np.array([1.0, 1.0, 0.5])
+            direction /= np.linalg.norm(direction)
+            surface.append(kc + direction * kidney_radii * rng.uniform(0.7, 1.0))
+    lesion_count = int(rng.integers(num_lesions[0], num_lesions[1] + 1))
+    # tumours of one case stay within a box of about 110 mm (scaled), so that one model window can hold them all
+    box_centre = centre + np.array([0.0, 0.1 * fov[1], 0.0])
+    keep = np.ones(shape, dtype=bool)
+    for g, c in zip(grid, box_centre):
+        keep &= np.abs(g - c) <= 52.0 * scale
+    lesions = _place_blobs(
+        rng, grid, shape, lesion_count, surface, (12.0 * scale, 22.0 * scale), inner & ~spine & keep, spine.copy()
+    )
+    tumour = np.zeros(shape, dtype=bool)
+    for blob in lesions:
+        tumour |= blob
+    # look-alikes: unlabelled tumour-density blobs (bowel loops, complex cysts) in the abdomen, away from the tumours
+    anterior = [
+        centre
+        + np.array(
+            [rng.uniform(-0.3, 0.3) * fov[0], rng.uniform(-0.25, 0.05) * fov[1], rng.uniform(-0.2, 0.2) * fov[2]]
+        )
+        for _ in range(12)
+    ]
+    mimic_count = int(rng.integers(num_mimics[0], num_mimics[1] + 1))
+    mimics = _place_blobs(
+        rng,
+        grid,
+        shape,
+        mimic_count,
+        anterior,
+        (9.0 * scale, 16.0 * scale),
+        inner & ~kidneys & ~spine & keep,
+        tumour | kidneys,
+    )
     seg = np.zeros(shape, dtype=np.uint8)
-    kidney_radii = size * np.array([0.11, 0.09, 0.25]) * rng.uniform(0.85, 1.15, size=3)
-    kidney_centres = []
-    for side in (-1.0, 1.0):
-        kc = centre + size * np.array([side * 0.2, 0.1, 0.0]) + rng.uniform(-0.03, 0.03, size=3) * size
-        kidney_centres.append(kc)
-        seg[_ellipsoid(shape, kc, kidney_radii) & body] = 1
-    # Tumour: a lumpy blob centred inside one kidney, near its surface, so that it bulges out of the kidney.
-    direction = rng.normal(size=3)
-    direction /= np.linalg.norm(direction)
-    kc = kidney_centres[int(rng.integers(0, 2))]
-    tumour_centre = kc + direction * kidney_radii * rng.uniform(0.3, 0.8)
-    scale = min(shape) / 64.0
-    tumour = _blob(rng, shape, tumour_centre, max(1.5, 6.0 * scale), max(2.5, 14.0 * scale)) & body
+    seg[kidneys] = 1
     seg[tumour] = 2
+
+    def draw(tissue: str) -> float:
+        return float(rng.uniform(*CT_HU[tissue]))
+
     hu = np.full(shape, -1000.0)
-    hu[body] = rng.uniform(0.0, 40.0)
-    hu[spine] = rng.uniform(350.0, 500.0)
-    hu[seg == 1] = rng.uniform(25.0, 40.0)
-    hu[seg == 2] = rng.uniform(80.0, 120.0)
-    hu += rng.normal(0.0, 10.0, size=shape)
+    hu[body] = draw("fat")
+    hu[inner] = draw("soft_tissue")
+    hu[perirenal & inner] = draw("fat")
+    hu[liver] = draw("liver")
+    hu[spine] = draw("bone")
+    hu[kidneys] = draw("kidney")
+    for blob in lesions + mimics:  # each tumour and look-alike has its own density within the tumour range
+        hu[blob] = draw("tumour")
+    hu += rng.normal(0.0, 12.0, size=shape)
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), seg
 
 
@@ -159,7 +284,7 @@ def make_kits19_like(
     cases = []
     for index in range(num_cases):
         case = f"case_{index:05d}"
-        image, seg = _ct_case(_case_rng(seed, index), shape)
+        image, seg = _ct_case(_case_rng(seed, index), shape, spacing)
         _save_nifti(image, root / case / "imaging.nii.gz", spacing)
         _save_nifti(seg, root / case / "segmentation.nii.gz", spacing)
         cases.append(case)
@@ -216,7 +341,7 @@ def make_msd_like(
     training, test, cases = [], [], []
     for index in range(num_cases + num_test):
         case = f"{prefix}_{index}"
-        image, seg = _ct_case(_case_rng(seed, index), shape)
+        image, seg = _ct_case(_case_rng(seed, index), shape, spacing)
         if index < num_cases:
             _save_nifti(image, root / "imagesTr" / f"{case}.nii.gz", spacing)
             _save_nifti(_msd_labels(seg, tumour_label), root / "labelsTr" / f"{case}.nii.gz", spacing)
@@ -268,7 +393,7 @@ def make_imagestr_like(
     cases = []
     for index in range(num_cases):
         case = f"{prefix}_{index:03d}"
-        image, seg = _ct_case(_case_rng(seed, index), shape)
+        image, seg = _ct_case(_case_rng(seed, index), shape, spacing)
         image_name = f"{case}_0000.nii.gz" if channel_suffix else f"{case}.nii.gz"
         _save_nifti(image, root / image_dir / image_name, spacing)
         _save_nifti(_msd_labels(seg, tumour_label), root / label_dir / f"{case}.nii.gz", spacing)

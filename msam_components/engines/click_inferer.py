@@ -15,6 +15,7 @@ from monai.inferers import Inferer
 from ..networks.msam import MSAM
 
 ClickList = Sequence[Sequence[int]] | torch.Tensor | None
+CLICK_MODES = ("sequential", "cumulative", "together")
 
 
 class ClickHistory(NamedTuple):
@@ -120,7 +121,9 @@ class ClickInferer(Inferer):
     """Segment from user clicks in the 128^3 model input space, with the previous logits fed back.
 
     ``mode="sequential"`` (default, as in training) decodes one click at a time in the order foreground clicks then
-    background clicks, each step fed the previous low-res logits; ``mode="together"`` decodes all clicks in one step.
+    background clicks, each step fed the previous low-res logits; ``mode="cumulative"`` does the same but gives each
+    step every click so far (for models trained with ``pass_all_clicks``); ``mode="together"`` decodes all clicks in
+    one step.
     The image embedding is cached per image (``cache``), so repeated requests on the same image only run the decoder.
     With ``reuse_clicks`` (sequential mode, no autograd) the logits after each click are cached too, and a request
     that starts with the previous request's clicks resumes after them: the result is the same as replaying every click
@@ -133,8 +136,8 @@ class ClickInferer(Inferer):
         self, mode: str = "sequential", cache: EmbeddingCache | None = None, reuse_clicks: bool = True
     ) -> None:
         super().__init__()
-        if mode not in ("sequential", "together"):
-            raise ValueError(f"mode must be 'sequential' or 'together', got {mode!r}")
+        if mode not in CLICK_MODES:
+            raise ValueError(f"mode must be one of {CLICK_MODES}, got {mode!r}")
         self.mode = mode
         self.cache = cache if cache is not None else EmbeddingCache()
         self.reuse_clicks = reuse_clicks
@@ -193,7 +196,8 @@ class ClickInferer(Inferer):
         if done:
             low_res = steps[-1]
         for i in range(done, points.shape[1]):
-            low_res = network.decode(state, points[:, i : i + 1], labels[:, i : i + 1], low_res)
+            first = 0 if self.mode == "cumulative" else i
+            low_res = network.decode(state, points[:, first : i + 1], labels[:, first : i + 1], low_res)
             steps.append(low_res)
         self.last_decode_steps = points.shape[1] - done
         if reuse:

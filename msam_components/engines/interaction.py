@@ -8,10 +8,11 @@ all clicks. The model runs the loop inside one forward call (see ``MSAM.refine``
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import nullcontext
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
@@ -21,13 +22,15 @@ from monai.transforms import Randomizable
 from monai.utils import CommonKeys as Keys
 
 from ..checks import check_type
-from ..transforms.click_sampling import STRATEGIES, sample_clicks_batch
+from .click_simulator import TARGETS, ClickSimulator, check_strategy, click_compliance, gather_at_points
 
 logger = logging.getLogger("msam_components")
 
 
 CLICK_DICE, CLICK_IOU = "click_dice", "click_iou"
 CLICK_POINTS, CLICK_LABELS = "click_points", "click_labels"
+CLICK_COMPLIANCE = "click_compliance"
+LOSS_WEIGHTINGS = ("uniform", "linear")
 
 
 def msam_loss(lambda_dice: float = 0.5, lambda_ce: float = 0.5) -> DiceCELoss:
@@ -48,47 +51,14 @@ def binarise(logits: torch.Tensor, threshold: float = 0.5, threshold_on: str = "
     raise ValueError(f"threshold_on must be 'logits' or 'probability', got {threshold_on!r}")
 
 
-class ClickSimulator:
-    """Supplies the clicks of one batch to ``MSAM.refine``: samples from the errors and keeps the click history."""
-
-    def __init__(
-        self,
-        label: torch.Tensor,
-        rng: np.random.RandomState,
-        strategy: str = "random",
-        first_strategy: str | None = None,
-        threshold: float = 0.5,
-        threshold_on: str = "logits",
-        pass_all_clicks: bool = False,
-    ) -> None:
-        self.label, self.rng = label, rng
-        self.strategy, self.first_strategy = strategy, first_strategy or strategy
-        self.threshold, self.threshold_on = threshold, threshold_on
-        self.pass_all_clicks = pass_all_clicks
-        self.points: list[torch.Tensor] = []
-        self.labels: list[torch.Tensor] = []
-
-    def __call__(self, iteration: int, logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        strategy = self.first_strategy if iteration == 0 else self.strategy
-        points, labels = sample_clicks_batch(logits, self.label, self.rng, strategy, self.threshold, self.threshold_on)
-        self.points.append(points)
-        self.labels.append(labels)
-        if self.pass_all_clicks:
-            return torch.cat(self.points, dim=1), torch.cat(self.labels, dim=1)
-        return points, labels
-
-    def history(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All clicks so far: ``[B, K, 3]`` points and ``[B, K]`` labels (-1 marks a padding click)."""
-        return torch.cat(self.points, dim=1), torch.cat(self.labels, dim=1)
-
-
 class IterativeClickRefinement(Randomizable):
     """``iteration_update`` running M-SAM's click loop inside MONAI's trainer or evaluator.
 
     Args:
         num_clicks: clicks per case (paper: 10; the released code runs 11).
-        strategy: ``"random"`` (uniform over FN U FP, the reference) or ``"center"`` (deterministic, deepest voxel of
-            the larger error region).
+        strategy: ``"random"`` (uniform over FN U FP, the reference), ``"center"`` (deterministic, deepest voxel of
+            the larger error region), ``"interior"`` (random voxel in the inner half of the largest error region), or
+            a mapping of them to weights for a per-click mixture.
         first_strategy: strategy of the first click (default: ``strategy``).
         threshold, threshold_on: foreground of a prediction for clicks and metrics: ``logits > 0.5`` (reference) or
             ``threshold_on="probability"`` for ``sigmoid > threshold``.
@@ -97,9 +67,20 @@ class IterativeClickRefinement(Randomizable):
         seed: seeds the click RNG; evaluators reseed it at the start of every epoch so each evaluation sees the same
             clicks. In distributed runs the rank is added to the seed.
         keep_click_logits: also return the per-click full-resolution logits ``[B, K, ...]`` under ``"click_logits"``.
+        target: training target per click: ``"all"`` lesion voxels (reference) or the ``"clicked"`` lesions so far
+            (connected components touched by a positive click, or present in the starting mask).
+        lambda_click: weight of a point loss (binary cross-entropy of the logits at every click so far, against the
+            click's label) added to each click's loss, so that ignoring a click costs; 0 (reference) disables it.
+        loss_click_weighting: ``"uniform"`` sum over clicks (reference) or ``"linear"`` (click k weighted
+            ``2k / (K + 1)``, mean weight 1), so later, corrective clicks count more.
+        initial_mask_prob: training only: share of cases that start from a damaged ground-truth mask (lesions dropped,
+            dilated or eroded) instead of an empty one.
+        feedback_dropout: training only: probability that a fed-back mask is replaced by an empty one.
 
     The output dict holds ``image``, ``label`` (binary), ``pred`` (final logits ``[B, 1, ...]``), ``loss`` (training),
-    ``click_dice``/``click_iou`` ``[B, K]`` (NaN where a case has no lesion) and the click history.
+    ``click_dice``/``click_iou`` ``[B, K]`` (NaN where a case has no lesion), the click history and
+    ``click_compliance`` ``[B, K]`` (1 where the clicked voxel carries the clicked label after the click, 0 where it
+    does not, NaN for padding clicks).
     """
 
     def __init__(
@@ -113,6 +94,11 @@ class IterativeClickRefinement(Randomizable):
         detach_feedback: bool = False,
         seed: int | None = 0,
         keep_click_logits: bool = False,
+        target: str = "all",
+        lambda_click: float = 0.0,
+        loss_click_weighting: str = "uniform",
+        initial_mask_prob: float = 0.0,
+        feedback_dropout: float = 0.0,
     ) -> None:
         check_type("num_clicks", num_clicks, int)
         if num_clicks < 1:
@@ -122,9 +108,19 @@ class IterativeClickRefinement(Randomizable):
             check_type(name, flag, bool)
         if seed is not None:
             check_type("seed", seed, int)
-        for name, value in (("strategy", strategy), ("first_strategy", first_strategy)):
-            if value is not None and value not in STRATEGIES:
-                raise ValueError(f"{name} must be one of {STRATEGIES}, got {value!r}")
+        check_strategy("strategy", strategy)
+        check_strategy("first_strategy", first_strategy)
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if loss_click_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_click_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_click_weighting!r}")
+        for name, value in (("initial_mask_prob", initial_mask_prob), ("feedback_dropout", feedback_dropout)):
+            check_type(name, value, (int, float))
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        check_type("lambda_click", lambda_click, (int, float))
+        if not lambda_click >= 0:
+            raise ValueError(f"lambda_click must be >= 0, got {lambda_click!r}")
         binarise(torch.zeros(1), threshold, threshold_on)  # validates threshold_on early
         self.skipped_without_lesion = 0
         self.num_clicks = num_clicks
@@ -134,6 +130,9 @@ class IterativeClickRefinement(Randomizable):
         self.detach_feedback = detach_feedback
         self.seed = seed
         self.keep_click_logits = keep_click_logits
+        self.target = target
+        self.lambda_click, self.loss_click_weighting = float(lambda_click), loss_click_weighting
+        self.initial_mask_prob, self.feedback_dropout = float(initial_mask_prob), float(feedback_dropout)
         self._seeded_rank: int | None = None
 
     def randomize(self, data: object = None) -> None:
@@ -152,14 +151,60 @@ class IterativeClickRefinement(Randomizable):
             self.set_random_state(seed=self.seed + rank)
             self._seeded_rank = rank
 
-    def _loop(self, engine, inputs: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, ClickSimulator]:
+    def _loop(
+        self, engine, inputs: torch.Tensor, label: torch.Tensor, training: bool = False
+    ) -> tuple[torch.Tensor, ClickSimulator]:
         simulator = ClickSimulator(
-            label, self.R, self.strategy, self.first_strategy, self.threshold, self.threshold_on, self.pass_all_clicks
+            label,
+            self.R,
+            self.strategy,
+            self.first_strategy,
+            self.threshold,
+            self.threshold_on,
+            self.pass_all_clicks,
+            target=self.target if training else "all",
+            initial_mask_prob=self.initial_mask_prob if training else 0.0,
+            feedback_dropout=self.feedback_dropout if training else 0.0,
         )
         logits = engine.network(
-            inputs, click_fn=simulator, num_clicks=self.num_clicks, detach_feedback=self.detach_feedback
+            inputs,
+            click_fn=simulator,
+            num_clicks=self.num_clicks,
+            detach_feedback=self.detach_feedback,
+            feedback_fn=simulator.feedback if simulator.uses_feedback_fn else None,
         )
         return logits, simulator
+
+    def _loss(self, engine: SupervisedTrainer, logits: torch.Tensor, simulator: ClickSimulator) -> torch.Tensor:
+        """Each click's loss against its target (weighted over clicks), plus the point loss at the clicks so far."""
+        num = logits.shape[1]
+        weights = (
+            [1.0] * num if self.loss_click_weighting == "uniform" else [2 * (k + 1) / (num + 1) for k in range(num)]
+        )
+        points, labels = simulator.history()
+        total = logits.new_zeros(())
+        # split, not logits[:, k : k + 1]: each slice's backward would fill a full-size zero gradient of all clicks
+        for k, click_logits in enumerate(logits.split(1, dim=1)):
+            total = total + weights[k] * engine.loss_function(click_logits, simulator.target(k))
+            if self.lambda_click > 0:
+                valid = labels[:, : k + 1] != -1
+                if bool(valid.any()):
+                    at_clicks = gather_at_points(click_logits[:, 0], points[:, : k + 1]).float()
+                    bce = F.binary_cross_entropy_with_logits(
+                        at_clicks - self._logit_threshold(), labels[:, : k + 1].clamp(min=0).float(), reduction="none"
+                    )
+                    total = total + weights[k] * self.lambda_click * bce[valid].mean()
+        return total
+
+    def _logit_threshold(self) -> float:
+        """The threshold on logits equivalent to the configured one (for the point loss)."""
+        if self.threshold_on == "logits":
+            return float(self.threshold)
+        return float(math.log(self.threshold / (1.0 - self.threshold)))
+
+    def _foreground(self, logits: torch.Tensor) -> torch.Tensor:
+        """The binarised prediction used for clicks and metrics."""
+        return binarise(logits, self.threshold, self.threshold_on)
 
     def _click_metrics(self, logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-case, per-click Dice and IoU ``[B, K]`` of the binarised predictions (NaN for cases without lesion)."""
@@ -206,7 +251,9 @@ class IterativeClickRefinement(Randomizable):
         logits = logits.detach().float()
         engine.state.output[Keys.PRED] = logits[:, -1:]
         engine.state.output[CLICK_DICE], engine.state.output[CLICK_IOU] = self._click_metrics(logits, label)
-        engine.state.output[CLICK_POINTS], engine.state.output[CLICK_LABELS] = simulator.history()
+        points, labels = simulator.history()
+        engine.state.output[CLICK_POINTS], engine.state.output[CLICK_LABELS] = points, labels
+        engine.state.output[CLICK_COMPLIANCE] = click_compliance(logits, points, labels, self._foreground).cpu()
         if self.keep_click_logits:
             engine.state.output["click_logits"] = logits
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
@@ -236,10 +283,9 @@ class IterativeClickRefinement(Randomizable):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with torch.autocast(device_type, **engine.amp_kwargs) if engine.amp else nullcontext():
-            logits, simulator = self._loop(engine, inputs, label)
+            logits, simulator = self._loop(engine, inputs, label, training=True)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            # split, not logits[:, k : k + 1]: each slice's backward would fill a full-size zero gradient of all clicks
-            loss = sum(engine.loss_function(click_logits, label) for click_logits in logits.split(1, dim=1))
+            loss = self._loss(engine, logits, simulator)
         engine.state.output[Keys.LOSS] = loss
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if engine.amp and engine.scaler is not None:
@@ -256,6 +302,7 @@ class IterativeClickRefinement(Randomizable):
 
 
 __all__ = [
+    "CLICK_COMPLIANCE",
     "CLICK_DICE",
     "CLICK_IOU",
     "ClickSimulator",

@@ -42,6 +42,8 @@ _INT_ARGS = {
 
 # click_fn(iteration, previous full-resolution logits or None) -> (points [B, N, 3], point_labels [B, N])
 ClickFn = Callable[[int, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
+# feedback_fn(iteration, low-res mask prompt [B, 1, d, h, w]) -> the mask prompt to use (the same object if unchanged)
+FeedbackFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 class MSAM(nn.Module):
@@ -227,14 +229,21 @@ class MSAM(nn.Module):
         return F.interpolate(low_res_logits, size=size, mode="trilinear", align_corners=False)
 
     def refine(
-        self, image: torch.Tensor, click_fn: ClickFn, num_clicks: int, detach_feedback: bool = False
+        self,
+        image: torch.Tensor,
+        click_fn: ClickFn,
+        num_clicks: int,
+        detach_feedback: bool = False,
+        feedback_fn: FeedbackFn | None = None,
     ) -> torch.Tensor:
         """The iterative click loop: encode once, then ``num_clicks`` decode steps fed back their own low-res logits.
 
         ``click_fn(i, logits)`` returns the prompt for step ``i`` given the previous step's full-resolution logits
         (``None`` at step 0, where the mask prompt is all zeros as in M-SAM's trainer). The raw low-res logits are fed
         back without sigmoid or threshold and, unless ``detach_feedback``, with gradients (full backpropagation through
-        the clicks, as the reference). Returns the logits after every click, ``[B, num_clicks, 128, 128, 128]``.
+        the clicks, as the reference). ``feedback_fn(i, low_res)``, if given, may replace the mask prompt before click
+        ``i`` is drawn (training recipes: start from an imperfect mask, drop the fed-back mask); the click is then drawn
+        from the replaced mask's errors. Returns the logits after every click, ``[B, num_clicks, 128, 128, 128]``.
         """
         if num_clicks < 1:
             raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
@@ -242,6 +251,10 @@ class MSAM(nn.Module):
         low_res = image.new_zeros(image.shape[0], 1, *self.low_res_size)
         full, outputs = None, []
         for i in range(num_clicks):
+            if feedback_fn is not None:
+                fed = feedback_fn(i, low_res)
+                if fed is not low_res:
+                    low_res, full = fed, self.upsample(fed)
             points, labels = click_fn(i, None if full is None else full.detach())
             low_res = self.decode(state, points, labels, low_res.detach() if detach_feedback else low_res)
             full = self.upsample(low_res)
@@ -257,6 +270,7 @@ class MSAM(nn.Module):
         click_fn: ClickFn | None = None,
         num_clicks: int = 1,
         detach_feedback: bool = False,
+        feedback_fn: FeedbackFn | None = None,
     ) -> torch.Tensor:
         """Full-resolution logits ``[B, 1, 128, 128, 128]``; a bare image (no prompt at all) also works.
 
@@ -264,7 +278,7 @@ class MSAM(nn.Module):
         one forward pass per step) and the result is ``[B, num_clicks, 128, 128, 128]``.
         """
         if click_fn is not None:
-            return self.refine(image, click_fn, num_clicks, detach_feedback)
+            return self.refine(image, click_fn, num_clicks, detach_feedback, feedback_fn)
         return self.upsample(self.decode(self.encode(image), points, point_labels, low_res_mask))
 
 

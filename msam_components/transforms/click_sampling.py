@@ -9,6 +9,9 @@ Two strategies are provided:
 * ``"center"`` (deterministic evaluation): the larger of the two error regions (FN wins ties), clicked at its voxel of
   maximum Euclidean distance to the region's boundary, with the image edge counting as boundary (first maximum in C
   order on ties). Runs through numpy/scipy on the CPU and consumes no random numbers.
+* ``"interior"`` (SAM-Med3D / RITM-style training clicks): the largest connected error region (FN or FP, by volume),
+  clicked at a voxel drawn uniformly from its interior, the voxels at least half as deep as its deepest one. Positive
+  if the region is a false negative. Runs through numpy/scipy; one ``randint`` from the given ``RandomState``.
 
 When there is no prediction yet (``pred is None``) it is treated as all background, so the first click is a lesion
 voxel. When there is nothing left to correct (perfect prediction, or an empty lesion before any prediction) a padding
@@ -38,7 +41,7 @@ __all__ = [
 ]
 
 PADDING_LABEL = -1
-STRATEGIES = ("random", "center")
+STRATEGIES = ("random", "center", "interior")
 THRESHOLD_ON = ("logits", "probability")
 
 
@@ -154,6 +157,28 @@ def _center_click(fn: torch.Tensor, fp: torch.Tensor) -> Click:
     return Click(point=point, label=1 if positive else 0, valid=True)
 
 
+def _interior_click(fn: torch.Tensor, fp: torch.Tensor, rng: np.random.RandomState) -> Click:
+    """Uniform draw over the inner half (by depth) of the largest connected error region; positive iff it is an FN."""
+    if not bool(fn.any()) and not bool(fp.any()):
+        return _padding_click(fn.device)
+    best: tuple[int, bool, np.ndarray] | None = None
+    for positive, errors in ((True, fn), (False, fp)):
+        components, count = ndimage.label(errors.cpu().numpy())
+        if count == 0:
+            continue
+        sizes = np.bincount(components.reshape(-1))[1:]
+        largest = int(np.argmax(sizes))
+        if best is None or sizes[largest] > best[0]:
+            best = (int(sizes[largest]), positive, components == largest + 1)
+    assert best is not None
+    _, positive, region = best
+    dist = ndimage.distance_transform_edt(np.pad(region, 1, constant_values=False))[1:-1, 1:-1, 1:-1]
+    candidates = np.flatnonzero(dist >= 0.5 * dist.max())
+    flat = int(candidates[int(rng.randint(len(candidates)))])
+    point = torch.tensor(np.unravel_index(flat, region.shape), dtype=torch.int64, device=fn.device)
+    return Click(point=point, label=1 if positive else 0, valid=True)
+
+
 def sample_click(
     pred: torch.Tensor | None,
     label: torch.Tensor,
@@ -166,17 +191,19 @@ def sample_click(
 
     ``pred`` (logits, or None before the first prediction) and ``label`` are ``[D,H,W]`` or ``[1,D,H,W]`` on the same
     device; the returned point is on that device. ``rng`` is required for ``strategy="random"`` (one ``randint`` call
-    per valid click, none for a padding click) and ignored for ``"center"``. Edge cases: perfect prediction, or an
+    per valid click, none for a padding click) and for ``"interior"``, and ignored for ``"center"``. Edge cases: perfect prediction, or an
     empty lesion with no prediction, give the padding click ``(0,0,0)``/label -1/``valid=False``; an empty lesion with
     a prediction gives a negative click in the false positives.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy == "random" and not isinstance(rng, np.random.RandomState):
-        raise TypeError(f"strategy='random' needs a numpy.random.RandomState as rng, got {type(rng).__name__}")
+    if strategy in ("random", "interior") and not isinstance(rng, np.random.RandomState):
+        raise TypeError(f"strategy={strategy!r} needs a numpy.random.RandomState as rng, got {type(rng).__name__}")
     fn, fp = error_regions(pred, label, threshold=threshold, threshold_on=threshold_on)
     if strategy == "random":
         return _random_click(fn, fp, rng)  # type: ignore[arg-type]
+    if strategy == "interior":
+        return _interior_click(fn, fp, rng)  # type: ignore[arg-type]
     return _center_click(fn, fp)
 
 
