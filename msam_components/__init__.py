@@ -1,6 +1,6 @@
 """M-SAM components for MONAI Bundles: networks, click-simulation transforms, engines and dataset helpers."""
 
-from . import data, engines, networks, transforms
+from . import cli, data, engines, networks, transforms
 
 __version__ = "0.1.0"
-__all__ = ["data", "engines", "networks", "transforms", "__version__"]
+__all__ = ["cli", "data", "engines", "networks", "transforms", "__version__"]

@@ -7,6 +7,7 @@ from typing import Any
 from .layouts import (
     DEFAULT_TARGET_LABELS,
     brats21_datalist,
+    case_output_name,
     dataset_json_or,
     default_target_labels,
     imagestr_labelstr_datalist,
@@ -22,6 +23,7 @@ _SYNTHETIC = ("make_brats21_like", "make_imagestr_like", "make_kits19_like", "ma
 __all__ = [
     "DEFAULT_TARGET_LABELS",
     "brats21_datalist",
+    "case_output_name",
     "dataset_json_or",
     "default_target_labels",
     "imagestr_labelstr_datalist",

@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_TARGET_LABELS",
     "NIFTI_SUFFIXES",
     "brats21_datalist",
+    "case_output_name",
     "default_target_labels",
     "imagestr_labelstr_datalist",
     "kits19_datalist",
@@ -60,6 +61,25 @@ def default_target_labels(layout: str) -> list[int]:
         hint = " (for MSD tasks use msd_target_labels(dataset_json))" if key == "msd" else ""
         raise KeyError(f"no default target labels for layout {layout!r}{hint}; known: {sorted(DEFAULT_TARGET_LABELS)}")
     return list(DEFAULT_TARGET_LABELS[key])
+
+
+# Layouts whose image file has the same name in every case folder: outputs are named after the folder instead.
+CASE_FOLDER_IMAGE_STEMS: tuple[str, ...] = ("imaging",)  # KiTS19: case_XXXXX/imaging.nii.gz
+
+
+def case_output_name(metadict: dict | None, saver: object) -> dict:
+    """``SaveImaged`` name formatter: ``case_00123_seg.nii.gz`` for ``case_00123/imaging.nii.gz``, else MONAI's default.
+
+    With MONAI's default every KiTS19 case becomes ``imaging_seg.nii.gz``, so several cases written to one folder
+    silently overwrite each other.
+    """
+    from monai.data.folder_layout import default_name_formatter
+
+    kwargs = default_name_formatter(metadict, saver)
+    path = Path(kwargs["subject"])
+    if _strip_nifti(path.name) in CASE_FOLDER_IMAGE_STEMS and path.parent.name:
+        kwargs["subject"] = path.parent.name
+    return kwargs
 
 
 def _strip_nifti(name: str) -> str | None:

@@ -10,7 +10,9 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
+from ..checks import as_bool
 from ..io import atomic_write
+from ..networks.checkpoint import read_checkpoint
 
 FORMAT = "msam-training-checkpoint/1"
 logger = logging.getLogger("msam_components")
@@ -19,18 +21,6 @@ logger = logging.getLogger("msam_components")
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
     """``torch.save`` through :func:`msam_components.io.atomic_write`: never a half-written checkpoint."""
     atomic_write(path, lambda f: torch.save(obj, f), binary=True)
-
-
-def _as_bool(name: str, value: object) -> bool:
-    """Accept ``True``/``False`` and the command-line spellings ``true``/``false``/``1``/``0``; reject anything else."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no", ""):
-        return False
-    raise TypeError(f"{name} must be true or false, got {value!r}")
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -56,7 +46,7 @@ class TrainingCheckpoint:
         interval: int = 1,
         filename: str = "checkpoint_latest.pt",
     ) -> None:
-        resume = _as_bool("resume", resume)
+        resume = as_bool(resume, "resume")
         if not isinstance(interval, int) or interval < 1:
             raise ValueError(f"checkpoint interval must be a positive integer, got {interval!r}")
         self.path = Path(ckpt_dir) / filename
@@ -90,10 +80,16 @@ class TrainingCheckpoint:
         if not self.path.is_file():
             logger.warning(f"resume requested but {self.path} does not exist: starting from epoch 0")
             return
-        ckpt = torch.load(self.path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(self.path)  # errors name the file (truncated, empty, not a checkpoint, pickled code)
         if ckpt.get("format") != FORMAT:
             raise ValueError(
                 f"{self.path} is not a training checkpoint of this project (format {ckpt.get('format')!r})"
+            )
+        stored, max_epochs = int(ckpt["trainer"]["epoch"]), engine.state.max_epochs
+        if max_epochs is not None and stored >= max_epochs:
+            raise ValueError(
+                f"--resume: {self.path} already holds epoch {stored} but num_epochs is {max_epochs}: nothing is left "
+                f"to train; pass --num_epochs larger than {stored} to continue, or drop --resume to start afresh"
             )
         _unwrap(self.network).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])

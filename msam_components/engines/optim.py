@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_type
 from ..networks.msam import MSAM, msam_parameter_groups
 
 
@@ -31,4 +32,5 @@ def msam_lr_scheduler(
     optimizer: torch.optim.Optimizer, num_epochs: int, gamma: float = 0.1
 ) -> torch.optim.lr_scheduler.MultiStepLR:
     """``MultiStepLR`` stepped once per epoch with the milestones of :func:`msam_lr_milestones`."""
+    check_type("num_epochs", num_epochs, int)  # --num_epochs 2.5 would otherwise run 3 epochs
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=msam_lr_milestones(num_epochs), gamma=gamma)

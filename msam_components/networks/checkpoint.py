@@ -6,6 +6,7 @@ import argparse
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,35 @@ class LoadReport:
         return "\n".join(lines)
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL_OPCODE = 0x80  # legacy (non-zip) torch.save files and plain pickles start with PROTO
+
+
+def _check_checkpoint_container(path: Path) -> None:
+    """Refuse, with the reason, a file that cannot be a ``torch.save`` output: empty, truncated zip, or other bytes.
+
+    ``torch.load`` would report such files as unpickling errors, which read like "pickled code"; here they are named
+    for what they are before anything is unpickled.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the file was not written completely")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == _ZIP_MAGIC:
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or damaged ({size} bytes, a zip archive without its end record): "
+                "the file was not written completely; use an intact copy"
+            )
+        return
+    if head[0] != _PICKLE_PROTOCOL_OPCODE:
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint: it is neither a torch.save zip archive nor a pickle "
+            f"(first bytes {head!r}, {size} bytes)"
+        )
+
+
 def read_checkpoint(path: str | os.PathLike) -> Mapping[str, object]:
     """``torch.load`` with ``weights_only=True``; only :data:`SAFE_CHECKPOINT_GLOBALS` may be reconstructed.
 
@@ -87,6 +117,7 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, object]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    _check_checkpoint_container(path)
     try:
         with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -96,6 +127,11 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, object]:
                 unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
             except Exception:  # noqa: BLE001 - not a zip checkpoint; the original error says enough
                 unsafe = []
+            if not unsafe and "Unsupported global" not in str(err):  # damaged data, not code
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise CheckpointError(
+                    f"could not read checkpoint {path}: it is damaged or not a PyTorch checkpoint ({reason})"
+                ) from err
             names = f" (it references {', '.join(unsafe)})" if unsafe else ""
             raise CheckpointError(
                 f"refusing to load {path}: it contains Python objects other than tensors and plain data{names}. "

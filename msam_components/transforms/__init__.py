@@ -12,7 +12,7 @@ from .spatial import (
     compute_crop_or_pad_box,
     parse_clicks,
 )
-from .validation import ValidateVolumesd
+from .validation import NamedNibabelReader, ValidateVolumesd, WarnEmptyMaskd, WarnIfNotHounsfieldd
 
 __all__ = [
     "PADDING_LABEL",
@@ -21,10 +21,13 @@ __all__ = [
     "CropOrPadAroundLabeld",
     "CropPadBox",
     "MapClicksToImaged",
+    "NamedNibabelReader",
     "NormalizeIntensityAboved",
     "PasteWindowd",
     "SimulateClickd",
     "ValidateVolumesd",
+    "WarnEmptyMaskd",
+    "WarnIfNotHounsfieldd",
     "compute_crop_or_pad_box",
     "error_regions",
     "parse_clicks",

@@ -320,6 +320,7 @@ class MapClicksToImaged(MapTransform):
                     f"{key!r}: click {outside[0]} is outside the image volume of shape {disk_shape} "
                     "(voxel indices of the on-disk array must satisfy 0 <= index < shape on each axis)"
                 )
+        self._refuse_contradicting_clicks(clicks)
         disk_to_world = _meta_array(ref, "original_affine", self.ref_image_key)
         current = ref.peek_pending_affine()  # == ref.affine unless lazy resampling left operations pending
         world_to_grid = np.linalg.inv(torch.as_tensor(current).detach().cpu().numpy().astype(np.float64))
@@ -330,6 +331,19 @@ class MapClicksToImaged(MapTransform):
             mapped = (homog @ disk_to_grid.T)[:, :SPATIAL_DIMS]
             d[key] = torch.floor(mapped + 0.5).to(torch.int64).clamp(min=torch.zeros_like(upper), max=upper)
         return d
+
+    @staticmethod
+    def _refuse_contradicting_clicks(clicks: Mapping[Hashable, torch.Tensor]) -> None:
+        """One voxel clicked under two keys (foreground and background) asks for opposite answers: refuse it."""
+        seen: dict[tuple[int, ...], Hashable] = {}
+        for key, pts in clicks.items():
+            for point in {tuple(p) for p in pts.tolist()}:
+                if point in seen:
+                    raise ValueError(
+                        f"click {list(point)} is both {seen[point]!r} and {key!r}: one voxel cannot be inside and "
+                        "outside the lesion; remove one of the two clicks"
+                    )
+                seen[point] = key
 
 
 class CropOrPadAroundClicksd(_CropOrPadd):
