@@ -138,6 +138,6 @@ def test_archived_inference_runs_without_installed_package(kits_archive: Path, t
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["before"] is None, f"msam_components was importable before the run: {report['before']}"
     assert report["used"] == str(bundle / "scripts" / "msam_components" / "__init__.py")
-    written = tmp_path / "out" / "imaging_seg.nii.gz"
+    written = tmp_path / "out" / "case_00000_seg.nii.gz"  # named after the case folder, not imaging.nii.gz
     assert written.is_file()
     assert nib.load(str(written)).shape == nib.load(str(image)).shape

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = REPO / "tests" / "configs" / "small_bundle.yaml"
 HAND_MADE = {"kits19": "msam_kits19", "brats21": "msam_brats21"}
 # Files a hand-made bundle may have that the template does not produce (bundle-specific by design).
-BUNDLE_ONLY_FILES = {"msam_kits19": {"configs/demo.yaml"}, "msam_brats21": set()}
+BUNDLE_ONLY_FILES: dict[str, set[str]] = {"msam_kits19": set(), "msam_brats21": set()}
 README_SECTIONS = ("Model Description", "Data", "Performance", "System Configuration", "Limitations", "Citation")
 GENERIC_ARGS = ["--preset", "generic", "--name", "msam_inhouse", "--label", "2", "--modality", "MR"]
 TINY = dict(shape=(40, 40, 24), spacing=(1.5, 1.5, 2.5), seed=0)

@@ -57,6 +57,8 @@ CT = Modality(
     name="CT",
     intensity_settings="intensity_range: [-1000, 1000]",
     intensity_transforms="""\
+- _target_: msam_components.transforms.WarnIfNotHounsfieldd
+  keys: image
 - _target_: ScaleIntensityRanged
   keys: image
   a_min: "$@intensity_range[0]"
