@@ -54,7 +54,21 @@ $(LABEL_STAMP): monailabel_app/requirements.txt setup.cfg pyproject.toml
 	$(LABEL_PY) -c "import monailabel.interfaces.app, monailabel.endpoints.infer"
 	touch $(LABEL_STAMP)
 
-label-venv: $(LABEL_STAMP)
+# monailabel 0.8.5 installs bin/monailabel as a bash script running `python -m monailabel.main $*`: whichever `python`
+# comes first on PATH (so it fails with "No module named 'monailabel'" unless the venv is activated), with the arguments
+# re-split on spaces. Replace it with a launcher that runs this venv's interpreter with the arguments intact (PYTHONPATH
+# stays exported, as in the original: monailabel's training subprocess reads it).
+LABEL_LAUNCHER := $(LABEL_VENV)/.launcher-stamp
 
-test-label: $(LABEL_STAMP)
+$(LABEL_LAUNCHER): $(LABEL_STAMP) Makefile
+	printf '%s\n' '#!/bin/sh' '# written by make label-venv: run MONAI Label with this venv'"'"'s python, whatever PATH holds' \
+		'export PYTHONPATH="$${PYTHONPATH:-}"' 'exec "$$(dirname "$$0")/python" -m monailabel.main "$$@"' \
+		> $(LABEL_VENV)/bin/monailabel.tmp
+	chmod +x $(LABEL_VENV)/bin/monailabel.tmp
+	mv $(LABEL_VENV)/bin/monailabel.tmp $(LABEL_VENV)/bin/monailabel
+	touch $@
+
+label-venv: $(LABEL_STAMP) $(LABEL_LAUNCHER)
+
+test-label: $(LABEL_STAMP) $(LABEL_LAUNCHER)
 	$(LABEL_PY) -m pytest tests/test_monailabel_app.py $(PYTEST_ARGS)

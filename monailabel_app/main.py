@@ -12,6 +12,13 @@ App options (``--conf KEY VALUE``):
     overlay          comma-separated extra config files applied on top of every bundle's ``inference.yaml``
     <bundle>_overlay the same for one bundle
     device           torch device, e.g. ``cpu`` or ``cuda:0`` (default: the bundle's choice)
+
+Limits (``--conf KEY VALUE``, see ``lib/guard.py``): ``max_clicks`` (100 per infer request), ``max_voxels`` (512**3, as
+stored and after resampling to the bundle's spacing), ``max_upload_mb`` (1024), ``max_params_kb`` (64),
+``max_pending_infers`` (4 running or waiting; more get 429), ``max_train_epochs`` (100), ``max_learning_rate`` (0.1).
+
+Image ids and label tags must be single file names (no ``/``, ``\\``, ``..``, leading dot, absolute path); every read and
+write stays inside the studies folder. ``POST /train/<bundle>/restore`` serves the previous weights again.
 """
 
 from __future__ import annotations
@@ -19,10 +26,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+from fastapi import HTTPException
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -31,7 +42,9 @@ if str(APP_DIR) not in sys.path:
     sys.path.insert(0, str(APP_DIR))
 
 from lib.bundle_infer import MSAMBundleInferTask  # noqa: E402
-from lib.bundle_train import MSAMBundleTrainTask  # noqa: E402
+from lib.bundle_train import MSAMBundleTrainTask, restore_previous, validate_train_params  # noqa: E402
+from lib.datastore import ConfinedDatastore  # noqa: E402
+from lib.guard import Limits, check_name  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +73,8 @@ class MSAMApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         """Resolve the bundle folder from ``conf`` and let MONAILabelApp build datastore and tasks."""
         conf = conf or {}
+        self.limits = Limits.from_conf(conf)
+        self._infer_slots = threading.BoundedSemaphore(self.limits.max_pending_infers)
         self.bundles_root = Path(conf.get("bundles", APP_DIR.parent / "bundles")).expanduser().resolve()
         self.bundle_dirs = discover_bundles(self.bundles_root, conf.get("models", "all"))
         if not self.bundle_dirs:
@@ -73,6 +88,23 @@ class MSAMApp(MONAILabelApp):
             version="0.1.0",
         )
 
+    def init_datastore(self) -> Datastore:
+        """A local datastore confined to the studies folder, with checked ids, tags and uploads."""
+        if self.studies.startswith(("http://", "https://")):
+            raise ValueError(f"--studies {self.studies}: this app serves a local studies folder, not a remote store")
+        return ConfinedDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            limits=self.limits,
+            label_values=self.label_values,
+        )
+
+    def label_values(self) -> list[int]:
+        """Values a saved label may hold besides 0: the served tasks' label ids."""
+        return sorted({int(v) for task in getattr(self, "_infers", {}).values() for v in task.labels.values()} or {1})
+
     def init_infers(self) -> dict[str, InferTask]:
         """Register the bundles' inference pipelines by bundle name."""
         infers: dict[str, InferTask] = {}
@@ -85,6 +117,8 @@ class MSAMApp(MONAILabelApp):
                 ckpt_path=Path(ckpt).expanduser().resolve() if ckpt else None,
                 overlays=overlays,
                 device=self.conf.get("device"),
+                max_clicks=self.limits.max_clicks,
+                max_voxels=self.limits.max_voxels,
             )
             infers[name] = task
             state = "weights " + str(task.ckpt_path) + ("" if task.ckpt_path.is_file() else " MISSING")
@@ -96,8 +130,88 @@ class MSAMApp(MONAILabelApp):
         trainers: dict[str, TrainTask] = {}
         for name, task in self._infers.items():
             if isinstance(task, MSAMBundleInferTask):
-                trainers[name] = MSAMBundleTrainTask(task.bundle_dir, task.ckpt_path, task.overlays, task.device)
+                trainers[name] = MSAMBundleTrainTask(
+                    task.bundle_dir, task.ckpt_path, task.overlays, task.device, limits=self.limits
+                )
         return trainers
+
+    def _task(self, tasks: dict[str, Any], model: Any, kind: str) -> Any:
+        """The task serving ``model``; 404 naming it and the served ones otherwise."""
+        task = tasks.get(model) if isinstance(model, str) else None
+        if task is None:
+            raise HTTPException(404, f"unknown model {str(model)[:64]!r}: this server has {kind} {sorted(tasks)}")
+        return task
+
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """MONAI Label's infer entry point: the image must be a datastore id (never a path)."""
+        return self.run_infer(request)
+
+    def run_infer(self, request: dict[str, Any], upload: str | None = None) -> dict[str, Any]:
+        """Segment a datastore image (``request["image"]`` is its id) or an already checked upload, optionally saving
+        the mask as the image's label ``label_tag``; at most ``max_pending_infers`` run or wait at once (else 429)."""
+        task = self._task(self._infers, request.get("model"), "models")
+        request = dict(request)
+        save_label = request.get("save_label", False)
+        if not isinstance(save_label, bool):
+            raise HTTPException(400, f"save_label must be true or false, got {save_label!r}")
+        tag = request.get("label_tag", DefaultLabelTag.ORIGINAL.value)
+        image_id = request.get("image")
+        if upload is not None:
+            if save_label:
+                raise HTTPException(400, "save_label needs an image from the datastore (?image=<id>), not an upload")
+            request["image"] = upload
+        else:
+            if save_label:
+                check_name(tag, "label_tag")
+            request["image"] = self.datastore().image_path_of(image_id)
+        if not self._infer_slots.acquire(blocking=False):
+            raise HTTPException(
+                429, f"busy: {self.limits.max_pending_infers} inferences running or waiting (--conf max_pending_infers)"
+            )
+        try:
+            out, params = task(request)
+        finally:
+            self._infer_slots.release()
+        label = out
+        if save_label:
+            try:
+                label = self.datastore().save_label(image_id, out, tag, {"model": task.name, "params": params})
+            except BaseException:
+                os.remove(out)
+                raise
+        return {
+            "label": label,
+            "tag": tag if save_label else DefaultLabelTag.ORIGINAL.value,
+            "file": out,
+            "params": params,
+        }
+
+    def trainer_names(self) -> list[str]:
+        """Names of the models that can be trained."""
+        return sorted(self._trainers)
+
+    def validate_train_request(self, model: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Checked training parameters for ``model`` (404 for an unknown model, 400 naming a bad key)."""
+        task = self._task(self._trainers, model, "trainable models")
+        return validate_train_params(params, task.limits)
+
+    def train(self, request: dict[str, Any]) -> dict[str, Any]:
+        """MONAI Label's train entry point, with a 404 for an unknown model."""
+        self._task(self._trainers, request.get("model"), "trainable models")
+        return super().train(request)
+
+    def restore_weights(self, model: str) -> dict[str, Any]:
+        """Serve the weights replaced by the last accepted training again (swapping them with the current ones)."""
+        return restore_previous(self._task(self._trainers, model, "trainable models").ckpt_path)
+
+    def on_init_complete(self) -> None:
+        """In the server, put the app's checked handlers in front of MONAI Label's (see ``lib/routes.py``)."""
+        super().on_init_complete()
+        server = sys.modules.get("monailabel.app")
+        if server is not None and hasattr(server, "app"):
+            from lib.routes import install
+
+            install(server.app, self)
 
     def info(self) -> dict[str, Any]:
         """App info plus the bundle folder served."""

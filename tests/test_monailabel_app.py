@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +24,9 @@ LABEL_BIN = REPO / ".venv-label" / "bin"
 SMALL = REPO / "tests" / "configs" / "small_bundle.yaml"
 START_TIMEOUT_S = 180
 REQUEST_TIMEOUT_S = 120
+BARE_PATH = "/usr/bin:/bin"  # no venv on PATH: the README's start command must work without activating it
+LIMITS = {"max_clicks": "20", "max_upload_mb": "2", "max_train_epochs": "3", "max_pending_infers": "2"}
+BIG_SHAPE = (320, 320, 240)  # a study whose first click takes a while (load and resampling), for the stall test
 
 pytestmark = [
     pytest.mark.skipif(
@@ -66,45 +73,57 @@ def _make_inputs(root: Path) -> tuple[Path, Path, list[int]]:
     return studies, ckpt, click
 
 
+def readme_start_command() -> list[str]:
+    """The server start command exactly as the README's MONAI Label section shows it."""
+    text = (REPO / "README.md").read_text()
+    match = re.search(r"^(\.venv-label/bin/monailabel start_server .*?)(?<!\\)\n", text, re.M | re.S)
+    assert match, "README has no `.venv-label/bin/monailabel start_server` command"
+    return shlex.split(match.group(1).replace("\\\n", " "))
+
+
+def _write_volume(
+    path: Path, shape: tuple[int, ...], zooms: tuple[float, ...] = (1.0, 1.0, 1.0), seed: int = 0
+) -> Path:
+    """A small int16 NIfTI volume with the given voxel sizes."""
+    import nibabel as nib
+
+    data = np.random.default_rng(seed).integers(-200, 200, size=shape, dtype=np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag([*zooms, 1.0])), str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """A running server on 127.0.0.1 serving the repo's bundles with the tiny kits19 checkpoint; stopped afterwards."""
+    """A server started with the README's command (no venv on PATH) on 127.0.0.1, serving the repo's bundles with the
+    tiny kits19 checkpoint and small caps; stopped afterwards."""
     import httpx
+    import nibabel as nib
 
     root = tmp_path_factory.mktemp("label")
     studies, ckpt, click = _make_inputs(root)
+    big = np.zeros(BIG_SHAPE, dtype=np.int16)
+    big[100:200, 100:200, 80:160] = 100
+    nib.save(nib.Nifti1Image(big, np.eye(4)), str(studies / "big_case.nii"))
+    (root / "outside").mkdir()
+    (root / "tmp").mkdir()
     port = _free_port()
-    cmd = [
-        str(LABEL_BIN / "monailabel"),
-        "start_server",
-        "--app",
-        str(REPO / "monailabel_app"),
-        "--studies",
-        str(studies),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--conf",
-        "msam_kits19_ckpt",
-        str(ckpt),
-        "--conf",
-        "overlay",
-        str(SMALL),
-        "--conf",
-        "device",
-        "cpu",
-    ]
+    cmd = readme_start_command()
+    values = {"/data/images": str(studies), "8000": str(port), "/weights/msam_kits19.pt": str(ckpt)}
+    cmd = [values.get(a, a) for a in cmd]
+    cmd += ["--conf", "overlay", str(SMALL), "--conf", "device", "cpu"]
+    for key, value in LIMITS.items():
+        cmd += ["--conf", key, value]
     env = {
-        "PATH": f"{LABEL_BIN}:/usr/bin:/bin",
+        "PATH": BARE_PATH,
         "HOME": str(root),
+        "TMPDIR": str(root / "tmp"),
         "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
         "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
         "MONAI_LABEL_SESSIONS": "false",
         "OMP_NUM_THREADS": "2",
     }
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=str(root), env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -119,7 +138,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             if time.monotonic() > deadline:
                 pytest.fail(f"server not up in {START_TIMEOUT_S}s:\n{(root / 'server.log').read_text()[-4000:]}")
             time.sleep(1)
-        yield {"base": base, "image": studies / "case_00000.nii.gz", "click": click, "root": root, "ckpt": ckpt}
+        yield {
+            "base": base,
+            "image": studies / "case_00000.nii.gz",
+            "click": click,
+            "root": root,
+            "ckpt": ckpt,
+            "studies": studies,
+            "tmp_at_start": {p.name for p in (root / "tmp").iterdir()},  # the server's log config
+        }
     finally:
         proc.terminate()
         try:
@@ -199,25 +226,343 @@ def test_model_without_weights_says_so(server: dict) -> None:
     assert "no weights" in resp.json()["detail"]
 
 
-def test_train_from_monailabel_updates_the_served_weights(server: dict) -> None:
-    """POST /train/<model> runs the bundle's train.yaml on the labelled studies; inference then uses the new weights."""
+def _train(server: dict, body: object, model: str = "msam_kits19", run_sync: bool = True):
+    """POST /train/<model> with a JSON (or raw string) body."""
     import httpx
 
-    before = server["ckpt"].stat().st_mtime_ns
-    response = httpx.post(
-        f"{server['base']}/train/msam_kits19",
-        params={"run_sync": True},
-        json={"max_epochs": 1},
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return httpx.post(
+        f"{server['base']}/train/{model}",
+        params={"run_sync": run_sync},
+        content=content,
+        headers={"content-type": "application/json"},
         timeout=REQUEST_TIMEOUT_S * 3,
     )
+
+
+def test_train_serves_new_weights_only_if_not_worse_and_can_restore(server: dict) -> None:
+    """POST /train/<model> scores old and new weights on the same validation cases; the served file changes exactly
+    when the new score is at least the old one, the old weights are kept, and /restore swaps them back."""
+    import httpx
+
+    ckpt = server["ckpt"]
+    old = ckpt.read_bytes()
+    response = _train(server, {"max_epochs": 1})
     assert response.status_code == 200, response.text
     stats = response.json()
-    assert stats["epochs"] == 1 and stats["train_cases"] == 2 and stats["weights_written"]
-    assert server["ckpt"].stat().st_mtime_ns != before, "training must write the served checkpoint"
+    assert stats["epochs"] == 1 and stats["train_cases"] == 2 and stats["val_cases"] == 1
+    assert isinstance(stats["previous_metric"], float) and isinstance(stats["new_metric"], float)
+    assert stats["replaced"] == (stats["new_metric"] >= stats["previous_metric"])
+    backup = ckpt.with_name(ckpt.name + ".prev")
+    if stats["replaced"]:
+        assert backup.read_bytes() == old and ckpt.read_bytes() != old
+        new = ckpt.read_bytes()
+    restore = httpx.post(f"{server['base']}/train/msam_kits19/restore", timeout=REQUEST_TIMEOUT_S)
+    if stats["replaced"]:
+        assert restore.status_code == 200, restore.text
+        assert ckpt.read_bytes() == old and backup.read_bytes() == new
+    else:
+        assert ckpt.read_bytes() == old
+        assert restore.status_code == 404 and "no previous weights" in restore.text
     again = _infer(server, {"foreground": [server["click"]], "background": []})
     assert again.status_code == 200, again.text
-    bad = httpx.post(f"{server['base']}/train/msam_kits19", params={"run_sync": True}, json={"max_epochs": 0})
-    assert bad.status_code == 400 and "max_epochs" in bad.text
+
+
+@pytest.mark.parametrize(
+    "body, code, fragment",
+    [
+        ({"max_epochs": 1, "learning_rate": 1e12}, 400, "learning_rate"),
+        ({"learning_rate": "fast"}, 400, "learning_rate"),
+        ({"learning_rate": -1}, 400, "learning_rate"),
+        ({"val_fraction": 0}, 400, "val_fraction"),
+        ({"val_fraction": "x"}, 400, "val_fraction"),
+        ({"max_epochs": 1e9}, 400, "max_epochs"),
+        ({"max_epochs": 4}, 400, "max_epochs"),
+        ({"max_epochs": 0}, 400, "max_epochs"),
+        ({"max_epochs": True}, 400, "max_epochs"),
+        ({"junk": "x" * 200_000}, 400, "junk"),
+        ({"max_epochs": [1] * 100}, 413, "max_epochs"),
+        ("[1, 2]", 400, "JSON object"),
+        ("{not json", 400, "not valid JSON"),
+    ],
+)
+def test_bad_training_parameters_are_refused_and_weights_kept(server: dict, body: object, code: int, fragment: str):
+    before = server["ckpt"].read_bytes()
+    for run_sync in (True, False):  # background runs are checked before they are queued
+        bad = _train(server, body, run_sync=run_sync)
+        assert bad.status_code == code, bad.text
+        assert fragment in bad.json()["detail"]
+    assert server["ckpt"].read_bytes() == before
+
+
+def test_train_or_restore_unknown_model_is_404(server: dict) -> None:
+    import httpx
+
+    bad = _train(server, {"max_epochs": 1}, model="nosuch")
+    assert bad.status_code == 404 and "nosuch" in bad.json()["detail"]
+    bad = httpx.post(f"{server['base']}/train/nosuch/restore", timeout=REQUEST_TIMEOUT_S)
+    assert bad.status_code == 404 and "nosuch" in bad.json()["detail"]
+
+
+def _leftovers(server: dict) -> list[str]:
+    """Temporary upload/result files the server left in its TMPDIR (training work folders are kept on purpose)."""
+    deadline = time.monotonic() + 5
+    while True:
+        names = sorted(p.name for p in (server["root"] / "tmp").iterdir() if p.name not in server["tmp_at_start"])
+        names = [n for n in names if not n.startswith(("msam_train_", "torchinductor_"))]  # training records, torch
+        if not names or time.monotonic() > deadline:
+            return names
+        time.sleep(0.2)
+
+
+def _outside_files(server: dict) -> list[str]:
+    """Files anywhere under the test's root except the studies, the server's TMPDIR and what the fixture wrote."""
+    root = server["root"]
+    known = {"model.pt", "model.pt.prev", "server.log", "first.nii.gz", "again.nii.gz"}
+    found = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        skip = rel.parts[0] in ("studies", "tmp", "raw") or rel.parts[0].startswith(".")  # .cache: the server's HOME
+        if path.is_file() and not skip and str(rel) not in known:
+            found.append(str(rel))
+    return sorted(found)
+
+
+def _put_image(server: dict, image_id: str | None, payload: bytes, filename: str = "x.nii.gz"):
+    """PUT /datastore/image with one file."""
+    import httpx
+
+    params = {"image": image_id} if image_id is not None else {}
+    files = {"file": (filename, payload, "application/octet-stream")}
+    return httpx.put(f"{server['base']}/datastore/image", params=params, files=files, timeout=REQUEST_TIMEOUT_S)
+
+
+def _put_label(server: dict, image_id: str, tag: str, payload: bytes, filename: str = "x.nii.gz"):
+    """PUT /datastore/label with one file."""
+    import httpx
+
+    files = {"label": (filename, payload, "application/octet-stream")}
+    return httpx.put(
+        f"{server['base']}/datastore/label",
+        params={"image": image_id, "tag": tag},
+        files=files,
+        timeout=REQUEST_TIMEOUT_S,
+    )
+
+
+@pytest.mark.parametrize(
+    "image_id", ["../outside/notes", "../../outside/notes", "/tmp/notes", "..", "a\\..\\b", ".hidden", "sub/notes"]
+)
+def test_image_ids_cannot_leave_the_studies(server: dict, image_id: str, tmp_path: Path) -> None:
+    payload = _write_volume(tmp_path / "ok.nii.gz", (8, 8, 8)).read_bytes()
+    before = sorted(p.name for p in server["studies"].rglob("*"))
+    bad = _put_image(server, image_id, payload)
+    assert bad.status_code == 400, bad.text
+    assert "image id" in bad.json()["detail"]
+    assert _outside_files(server) == [] and not Path("/tmp/notes.nii.gz").exists()
+    assert sorted(p.name for p in server["studies"].rglob("*")) == before
+    assert _leftovers(server) == []
+
+
+@pytest.mark.parametrize("tag", ["../../outside/t", "../final", "/tmp/t", "a/b", ".."])
+def test_label_tags_cannot_leave_the_studies(server: dict, tag: str, tmp_path: Path) -> None:
+    import nibabel as nib
+
+    image = nib.load(str(server["image"]))
+    path = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), str(path))
+    payload = path.read_bytes()
+    bad = _put_label(server, "case_00000", tag, payload)
+    assert bad.status_code == 400 and "label tag" in bad.json()["detail"], bad.text
+    bad = _infer(server, {"foreground": [server["click"]], "save_label": True, "label_tag": tag})
+    assert bad.status_code == 400 and "label_tag" in bad.json()["detail"], bad.text
+    bad = _put_label(server, "../case_00000", "final", payload)
+    assert bad.status_code == 400 and "image id" in bad.json()["detail"], bad.text
+    assert _outside_files(server) == [] and not Path("/tmp/t.nii.gz").exists()
+    assert _leftovers(server) == []
+
+
+def test_valid_uploads_land_in_the_studies_and_infer_can_save_a_label(server: dict, tmp_path: Path) -> None:
+    import nibabel as nib
+
+    payload = _write_volume(tmp_path / "ok.nii.gz", (24, 20, 16)).read_bytes()
+    good = _put_image(server, "uploaded_01", payload)
+    assert good.status_code == 200, good.text
+    assert (server["studies"] / "uploaded_01.nii.gz").read_bytes() == payload
+    path = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((24, 20, 16), np.uint8), np.eye(4)), str(path))
+    label = path.read_bytes()
+    good = _put_label(server, "uploaded_01", "reviewed", label)
+    assert good.status_code == 200, good.text
+    assert (server["studies"] / "labels" / "reviewed" / "uploaded_01.nii.gz").read_bytes() == label
+    import httpx
+
+    saved = httpx.post(
+        f"{server['base']}/infer/msam_kits19",
+        params={"image": "case_00000", "output": "json"},
+        data={"params": json.dumps({"foreground": [server["click"]], "save_label": True, "label_tag": "draft"})},
+        timeout=REQUEST_TIMEOUT_S,
+    )
+    assert saved.status_code == 200, saved.text
+    mask = nib.load(str(server["studies"] / "labels" / "draft" / "case_00000.nii.gz"))
+    assert mask.shape == nib.load(str(server["image"])).shape
+    assert _leftovers(server) == []
+
+
+def _junk_uploads(root: Path) -> dict[str, tuple[str, bytes]]:
+    """Uploads that are not images a server should store."""
+    import nibabel as nib
+
+    noise = root / "noise.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((48, 40, 32)).astype(np.float32), np.eye(4)), str(noise))
+    truncated = _write_volume(root / "trunc.nii.gz", (48, 40, 32)).read_bytes()
+    two_d = root / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((48, 40), np.int16), np.eye(4)), str(two_d))
+    return {
+        "text": ("notes.txt", b"hello"),
+        "script": ("run.sh", b"#!/bin/sh\nrm -rf /\n"),
+        "junk": ("junk.nii.gz", os.urandom(4096)),
+        "truncated": ("trunc.nii.gz", truncated[: len(truncated) // 2]),
+        "2d": ("flat.nii.gz", two_d.read_bytes()),
+        "too_big": ("big.nii", b"\0" * (3 * 2**20)),
+        "noise_label": ("noise.nii.gz", noise.read_bytes()),
+    }
+
+
+@pytest.mark.parametrize("kind", ["text", "script", "junk", "truncated", "2d", "too_big", "noise_label"])
+def test_uploads_are_checked_and_temp_files_removed(server: dict, kind: str, tmp_path: Path) -> None:
+    import httpx
+
+    name, payload = _junk_uploads(tmp_path)[kind]
+    before = sorted(str(p) for p in server["studies"].rglob("*"))
+    if kind == "noise_label":  # a readable volume of the right shape, but not a label
+        bad = _put_label(server, "case_00001", "final", payload, filename=name)
+    else:
+        bad = _put_image(server, None, payload, filename=name)
+    assert 400 <= bad.status_code < 500, bad.text
+    assert bad.status_code != 422 and bad.json()["detail"]
+    if kind != "noise_label":
+        infer = httpx.post(
+            f"{server['base']}/infer/msam_kits19",
+            params={"output": "image"},
+            data={"params": json.dumps({"foreground": [[1, 1, 1]]})},
+            files={"file": (name, payload, "application/octet-stream")},
+            timeout=REQUEST_TIMEOUT_S,
+        )
+        assert 400 <= infer.status_code < 500 and infer.status_code != 422, infer.text
+    assert sorted(str(p) for p in server["studies"].rglob("*")) == before
+    assert _leftovers(server) == []
+
+
+def test_huge_voxels_are_refused_before_resampling(server: dict, tmp_path: Path) -> None:
+    """A 1 KB NIfTI with 100 mm voxels would resample to ~3e8 voxels at 3 mm: 413, whether uploaded or stored."""
+    import httpx
+
+    path = _write_volume(tmp_path / "huge.nii.gz", (20, 20, 20), zooms=(100.0, 100.0, 100.0))
+    assert path.stat().st_size < 20_000
+    infer = httpx.post(
+        f"{server['base']}/infer/msam_kits19",
+        data={"params": json.dumps({"foreground": [[10, 10, 10]]})},
+        files={"file": ("huge.nii.gz", path.read_bytes(), "application/octet-stream")},
+        timeout=REQUEST_TIMEOUT_S,
+    )
+    assert infer.status_code == 413 and "max_voxels" in infer.json()["detail"], infer.text
+    assert _put_image(server, "huge", path.read_bytes()).status_code == 200
+    stored = httpx.post(
+        f"{server['base']}/infer/msam_kits19",
+        params={"image": "huge"},
+        data={"params": json.dumps({"foreground": [[10, 10, 10]]})},
+        timeout=REQUEST_TIMEOUT_S,
+    )
+    assert stored.status_code == 413 and "resampling" in stored.json()["detail"], stored.text
+    assert _leftovers(server) == []
+
+
+def test_infer_reads_only_datastore_images(server: dict) -> None:
+    """Paths (absolute, relative to the server's folder) never reach a reader, and existing and missing files outside
+    the studies get the same answer."""
+    outside = _write_volume(server["root"] / "raw" / "secret.nii.gz", (48, 40, 32))
+    answers = {}
+    for image in (str(outside), str(outside.with_name("missing.nii.gz")), "README.md", "no_such_file.md"):
+        resp = _infer_image(server, image, {"foreground": [[1, 1, 1]]})
+        answers[image] = (resp.status_code, resp.json()["detail"].replace(image, "<id>"))
+    assert answers[str(outside)] == answers[str(outside.with_name("missing.nii.gz"))]
+    assert answers[str(outside)][0] == 400
+    assert answers["README.md"] == answers["no_such_file.md"] == (404, "image '<id>' not found in the datastore")
+
+
+def _infer_image(server: dict, image: str, params: dict | str):
+    """POST /infer/msam_kits19 for any ``image`` query value."""
+    import httpx
+
+    body = params if isinstance(params, str) else json.dumps(params)
+    return httpx.post(
+        f"{server['base']}/infer/msam_kits19",
+        params={"image": image, "output": "json"},
+        data={"params": body},
+        timeout=REQUEST_TIMEOUT_S,
+    )
+
+
+@pytest.mark.parametrize(
+    "params, code, fragment",
+    [
+        ("[1, 2]", 400, "JSON object"),
+        ("{oops", 400, "not valid JSON"),
+        ('{"foreground": [[1e400, 1, 1]]}', 400, "integer voxel indices"),
+        ('{"foreground": [[' + "1" + "0" * 400 + ", 1, 1]]}", 400, "outside the image"),
+        (json.dumps({"foreground": [[1, 1, 1]] * 21}), 413, "max_clicks"),
+        (json.dumps({"foreground": [[1, 1, 1]], "pad": "x" * 70_000}), 413, "max_params_kb"),
+        (json.dumps({"foreground": [[1, 1, 1]], "image": "/etc/passwd"}), 400, "'image'"),
+        (json.dumps({"foreground": [[1, 1, 1]], "save_label": "yes"}), 400, "save_label"),
+    ],
+)
+def test_bad_params_are_4xx_with_the_reason(server: dict, params: str, code: int, fragment: str) -> None:
+    bad = _infer(server, params)
+    assert bad.status_code == code, bad.text
+    assert fragment in bad.json()["detail"]
+
+
+def test_unknown_model_and_missing_image_name_the_culprit(server: dict) -> None:
+    bad = _infer(server, {"foreground": [server["click"]]}, model="nosuch")
+    assert bad.status_code == 404 and "nosuch" in bad.json()["detail"]
+    bad = _infer_image(server, "case_99999", {"foreground": [[1, 1, 1]]})
+    assert bad.status_code == 404 and "case_99999" in bad.json()["detail"]
+
+
+def test_info_answers_while_an_inference_runs(server: dict) -> None:
+    """One slow inference (first click on a 320x320x240 study) does not stall /info/; extra requests get 429."""
+    import httpx
+
+    done: dict[str, object] = {}
+
+    def slow() -> None:
+        start = time.monotonic()
+        done["response"] = _infer_image(server, "big_case", {"foreground": [[150, 150, 120]]})
+        done["seconds"] = time.monotonic() - start
+
+    def waiting() -> None:
+        done["waiting"] = _infer_image(server, "big_case", {"foreground": [[150, 150, 120]]})
+
+    worker = threading.Thread(target=slow)
+    worker.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    info = httpx.get(f"{server['base']}/info/", timeout=REQUEST_TIMEOUT_S)
+    info_seconds = time.monotonic() - start
+    second = threading.Thread(target=waiting)  # takes the second of max_pending_infers=2 slots
+    second.start()
+    time.sleep(0.3)
+    third = _infer_image(server, "big_case", {"foreground": [[150, 150, 120]]})
+    still_running = worker.is_alive()
+    worker.join(REQUEST_TIMEOUT_S)
+    second.join(REQUEST_TIMEOUT_S)
+    assert info.status_code == 200
+    assert done["response"].status_code == 200, done["response"].text
+    assert done["waiting"].status_code == 200, done["waiting"].text
+    assert still_running, f"the inference took only {done['seconds']:.2f}s: the test needs a slower one"
+    assert info_seconds < 1.0, f"/info/ took {info_seconds:.2f}s while an inference ran ({done['seconds']:.2f}s)"
+    assert third.status_code == 429 and "max_pending_infers" in third.json()["detail"], third.text
 
 
 def test_cached_image_stage_reproduces_the_full_preprocessing(tmp_path: Path) -> None:

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from fastapi import HTTPException
 from monai.bundle import ConfigParser
-from monai.data import MetaTensor
-from monai.transforms import Compose, SaveImaged
+from monai.transforms import Compose, SaveImaged, Spacing, Spacingd
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from msam_components.transforms import CropOrPadAroundClicksd, MapClicksToImaged, PasteWindowd
-from msam_components.transforms.paste import mask_volume, zero_preserving
+from msam_components.transforms import CropOrPadAroundClicksd, MapClicksToImaged
+
+from .guard import Limits, check_voxels
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,26 @@ def bundle_label_name(metadata: dict[str, Any]) -> str:
     return names[0] if names else "foreground"
 
 
-def validate_clicks(request: dict[str, Any]) -> dict[str, list[list[int]]]:
-    """Check the request's click lists (JSON voxel indices ``[[i, j, k], ...]``) and raise HTTP 400 naming the fault."""
+def target_spacing(preprocessing: Compose) -> Any:
+    """The voxel size (mm) that the preprocessing's first ``Spacingd``/``Spacing`` resamples to, or None."""
+    for t in preprocessing.flatten().transforms:
+        if isinstance(t, Spacingd):
+            return t.spacing_transform.pixdim
+        if isinstance(t, Spacing):
+            return t.pixdim
+    return None
+
+
+def _is_index(v: Any) -> bool:
+    """A JSON number usable as a voxel index: an int (any size; range is checked later) or a finite whole float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, int) or (np.isfinite(v) and float(v).is_integer())
+
+
+def validate_clicks(request: dict[str, Any], max_clicks: int | None = None) -> dict[str, list[list[int]]]:
+    """Check the request's click lists (JSON voxel indices ``[[i, j, k], ...]``) and raise HTTP 400 naming the fault;
+    more than ``max_clicks`` clicks in all answer 413."""
     clicks: dict[str, list[list[int]]] = {}
     for key in CLICK_KEYS:
         value = request.get(key, [])
@@ -61,13 +79,14 @@ def validate_clicks(request: dict[str, Any]) -> dict[str, list[list[int]]]:
             value = []
         if not isinstance(value, (list, tuple)):
             raise HTTPException(400, f"{key!r} must be a list of [i, j, k] voxel indices, got {type(value).__name__}")
+        if max_clicks is not None and len(value) + sum(len(v) for v in clicks.values()) > max_clicks:
+            raise HTTPException(413, f"more than {max_clicks} clicks in one request (--conf max_clicks)")
         points = []
         for point in value:
-            ok = isinstance(point, (list, tuple)) and len(point) == 3
-            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in point)
-            ok = ok and all(float(v).is_integer() for v in point)
+            ok = isinstance(point, (list, tuple)) and len(point) == 3 and all(_is_index(v) for v in point)
             if not ok:
-                raise HTTPException(400, f"{key!r}: each click must be [i, j, k] integer voxel indices, got {point!r}")
+                shown = repr(point) if len(repr(point)) <= 80 else repr(point)[:80] + "..."
+                raise HTTPException(400, f"{key!r}: each click must be [i, j, k] integer voxel indices, got {shown}")
             points.append([int(v) for v in point])
         clicks[key] = points
     if not clicks["foreground"] and not clicks["background"]:
@@ -81,19 +100,6 @@ def check_clicks_inside(clicks: dict[str, list[list[int]]], shape: Sequence[int]
         for point in points:
             if any(not 0 <= v < s for v, s in zip(point, shape)):
                 raise HTTPException(400, f"{key!r}: click {point} is outside the image of shape {list(shape)}")
-
-
-def share_voxels(data: dict[str, Any]) -> dict[str, Any]:
-    """A per-request copy of a cached preprocessing result: MetaTensors keep their (large) voxel storage but get their
-    own metadata and transform trace, which the click stage appends to; other values are deep-copied."""
-    copied = {}
-    for k, v in data.items():
-        if isinstance(v, MetaTensor):
-            trace = copy.deepcopy(v.applied_operations)
-            copied[k] = MetaTensor(v.as_tensor(), meta=copy.deepcopy(v.meta), applied_operations=trace)
-        else:
-            copied[k] = copy.deepcopy(v)
-    return copied
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -117,6 +123,8 @@ class MSAMBundleInferTask(InferTask):
         ckpt_path: str | os.PathLike | None = None,
         overlays: Sequence[str] = (),
         device: str | None = None,
+        max_clicks: int = Limits.max_clicks,
+        max_voxels: int = Limits.max_voxels,
     ) -> None:
         """Read the bundle's metadata; the network is built on the first request (server start stays fast)."""
         self.bundle_dir = Path(bundle_dir).resolve()
@@ -126,6 +134,7 @@ class MSAMBundleInferTask(InferTask):
         self.metadata = json.loads((self.bundle_dir / "configs" / "metadata.json").read_text())
         self.ckpt_path = Path(ckpt_path) if ckpt_path else self.bundle_dir / "models" / "model.pt"
         self.device = device
+        self.limits = Limits(max_clicks=max_clicks, max_voxels=max_voxels)
         self.label_name = bundle_label_name(self.metadata)
         self._lock = threading.Lock()
         self._parts: dict[str, Any] | None = None
@@ -178,8 +187,6 @@ class MSAMBundleInferTask(InferTask):
             parser["device"] = f"$torch.device('{self.device}')"
         post = parser.get_parsed_content("postprocessing")
         transforms = [t for t in post.transforms if not isinstance(t, SaveImaged)]
-        if transforms and isinstance(transforms[0], PasteWindowd) and zero_preserving(transforms[1:]):
-            transforms[0].box_only = True  # threshold the window's box, paste a uint8 mask: no full-size float volume
         preprocessing = parser.get_parsed_content("preprocessing")
         image_stage, click_stage = split_preprocessing(preprocessing)
         self._parts = {  # rebuilt when the weights file changes (e.g. after training from MONAI Label)
@@ -209,12 +216,11 @@ class MSAMBundleInferTask(InferTask):
             while len(cache) > PREPARED_IMAGES:
                 cache.popitem(last=False)
         cache.move_to_end(key)
-        data = parts["click_stage"]({**share_voxels(cache[key]), **clicks})
-        return {k: v.clone() if isinstance(v, MetaTensor) else v for k, v in data.items()}, cached  # no cache views
+        return parts["click_stage"]({**copy.deepcopy(cache[key]), **clicks}), cached
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Segment ``request["image"]`` from its clicks; return a temporary NIfTI mask in the input's geometry."""
-        clicks = validate_clicks(request)
+        clicks = validate_clicks(request, self.limits.max_clicks)
         image_path = request.get("image")
         if not isinstance(image_path, str) or not os.path.isfile(image_path):
             raise HTTPException(404, f"image not found in the datastore: {request.get('image')!r}")
@@ -223,9 +229,13 @@ class MSAMBundleInferTask(InferTask):
         except Exception as err:  # noqa: BLE001 - any reader failure is the input's fault
             raise HTTPException(400, f"cannot read image {os.path.basename(image_path)}: {err}") from err
         check_clicks_inside(clicks, header_img.shape[:3])
+        what = f"image {os.path.basename(image_path)}"
+        check_voxels(header_img.shape, header_img.header.get_zooms(), self.limits, what)
         with self._lock:
             start = time.perf_counter()
             parts = self._build()
+            pixdim = target_spacing(parts["image_stage"])
+            check_voxels(header_img.shape, header_img.header.get_zooms(), self.limits, what, pixdim)
             loaded = time.perf_counter()
             misses = parts["inferer"].cache.misses
             try:
@@ -245,7 +255,7 @@ class MSAMBundleInferTask(InferTask):
             data["pred"] = pred[0].detach().to("cpu")
             data["image"] = data["image"].to("cpu")
             data = parts["postprocessing"](data)
-            mask = mask_volume(data["pred"])  # uint8, Fortran order: nibabel writes it without a transposing copy
+            mask = np.asarray(data["pred"].detach().cpu().numpy()[0] > 0).astype(np.uint8)
             encoder_ran = parts["inferer"].cache.misses > misses
             decode_steps = getattr(parts["inferer"], "last_decode_steps", None)
             latency, load = time.perf_counter() - start, loaded - start

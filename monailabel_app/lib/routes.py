@@ -1,0 +1,189 @@
+"""The app's own handlers for MONAI Label's write and compute endpoints, placed in front of the stock ones.
+
+MONAI Label 0.8.5 runs ``/infer`` synchronously on the server's event loop (one inference stalls every endpoint),
+keeps rejected uploads in the temp folder, passes ids, tags and params through unchecked, and starts training before
+looking at its parameters. These handlers take the same URLs and arguments, check everything first, run the heavy
+work in the server's worker threads and always remove their temporary files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any, Optional
+
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from monailabel.config import settings
+from monailabel.endpoints.infer import ResultType, send_response
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.utils.async_tasks.task import AsyncTask
+from starlette.concurrency import run_in_threadpool
+
+from .guard import check_name, check_volume, nifti_extension, parse_params, save_upload
+
+logger = logging.getLogger(__name__)
+
+RESERVED_INFER_KEYS = ("model", "image", "file", "label", "session", "session_id")
+TRAIN_BODY_BYTES = 1 << 20  # read whole, so an oversized parameter is refused by name
+
+
+def _remove(path: Any) -> None:
+    """Remove a result file if it is one (no error when it is gone)."""
+    if isinstance(path, str) and os.path.isfile(path):
+        os.remove(path)
+
+
+def build_router(app: Any) -> APIRouter:
+    """Handlers bound to the M-SAM app instance ``app`` (see ``MSAMApp``)."""
+    router = APIRouter()
+    user_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
+    annotator_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))
+    admin_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
+
+    @router.post("/infer/{model}", summary="Run inference (M-SAM: checked, in a worker thread)")
+    def infer(
+        background_tasks: BackgroundTasks,
+        model: str,
+        image: str = "",
+        session_id: str = "",
+        params: str = Form("{}"),
+        file: UploadFile = File(None),
+        label: UploadFile = File(None),
+        output: Optional[ResultType] = None,
+        user: User = user_role,
+    ) -> Any:
+        """Segment a datastore image (``?image=<id>``) or an uploaded NIfTI from the clicks in ``params``."""
+        if session_id:
+            raise HTTPException(400, "sessions are not supported by this app: put the image into the datastore first")
+        if label is not None:
+            raise HTTPException(400, "this app takes no label upload for inference, only clicks in params")
+        if output == ResultType.dicom_seg:
+            raise HTTPException(400, "output 'dicom_seg' needs a DICOMweb datastore; this app serves local studies")
+        request = parse_params(params, app.limits)
+        for key in RESERVED_INFER_KEYS:
+            if key in request:
+                raise HTTPException(400, f"params may not set {key!r}: give the model in the URL, the image as ?image=")
+        request.update(model=model, image=image)
+        with tempfile.TemporaryDirectory(prefix="msam_infer_") as folder:
+            upload = None
+            if file is not None:
+                ext = nifti_extension(file.filename, "uploaded image")
+                upload = save_upload(file.file, folder, ext, app.limits, "uploaded image")
+                check_volume(upload, app.limits, f"uploaded image {os.path.basename(file.filename or '')!r}")
+            elif not image:
+                raise HTTPException(400, "give an image id from the datastore (?image=<id>) or upload a NIfTI file")
+            result = app.run_infer(request, upload=upload)
+        try:
+            return send_response(app.datastore(), result, output, background_tasks)
+        except BaseException:
+            _remove(result.get("file"))
+            raise
+
+    def add_image(background_tasks: BackgroundTasks, image: Optional[str], params: str, file: UploadFile, user: User):
+        """Store an uploaded NIfTI volume under a checked id."""
+        info = parse_params(params, app.limits)
+        ext = nifti_extension(file.filename, "uploaded image")
+        image_id = image if image else os.path.basename(file.filename or "")[: -len(ext)]
+        check_name(image_id, "image id")
+        if user and user.username:
+            info["user"] = user.username
+        with tempfile.TemporaryDirectory(prefix="msam_upload_") as folder:
+            path = save_upload(file.file, folder, ext, app.limits, f"image {image_id!r}")
+            return {"image": app.datastore().add_image(image_id, path, info)}
+
+    @router.put("/datastore/image", summary="Upload a new image (M-SAM: checked)")
+    def put_image(
+        background_tasks: BackgroundTasks,
+        image: Optional[str] = None,
+        params: str = Form("{}"),
+        file: UploadFile = File(...),
+        user: User = annotator_role,
+    ) -> dict[str, Any]:
+        """Checked ``PUT /datastore/image``."""
+        return add_image(background_tasks, image, params, file, user)
+
+    @router.put("/datastore/", include_in_schema=False)
+    def put_image_deprecated(
+        background_tasks: BackgroundTasks,
+        image: Optional[str] = None,
+        params: str = Form("{}"),
+        file: UploadFile = File(...),
+        user: User = annotator_role,
+    ) -> dict[str, Any]:
+        """Checked ``PUT /datastore/`` (MONAI Label's deprecated alias of ``/datastore/image``)."""
+        return add_image(background_tasks, image, params, file, user)
+
+    @router.put("/datastore/label", summary="Save a finished label (M-SAM: checked)")
+    def put_label(
+        image: str,
+        params: str = Form("{}"),
+        tag: str = DefaultLabelTag.FINAL.value,
+        label: UploadFile = File(...),
+        user: User = annotator_role,
+    ) -> dict[str, Any]:
+        """Store an uploaded label for a datastore image under a checked tag."""
+        info = parse_params(params, app.limits)
+        tag = tag or DefaultLabelTag.FINAL.value
+        check_name(tag, "label tag")
+        datastore = app.datastore()
+        datastore.image_path_of(image)
+        ext = nifti_extension(label.filename, "uploaded label")
+        if user and user.username:
+            info["user"] = user.username
+        with tempfile.TemporaryDirectory(prefix="msam_upload_") as folder:
+            path = save_upload(label.file, folder, ext, app.limits, f"label {tag!r} of image {image!r}")
+            label_id = datastore.save_label(image, path, tag, info)
+        res = app.on_save_label(image, label_id) or {}
+        res.update({"image": image, "label": label_id})
+        return res
+
+    async def start_training(model: str, params: dict[str, Any], run_sync: bool, enqueue: bool) -> Any:
+        """Validate, then run (``run_sync``) or queue one bundle's training in a worker thread."""
+        clean = app.validate_train_request(model, params)
+        res, detail = await run_in_threadpool(
+            AsyncTask.run, "train", request={"model": model}, params=clean, force_sync=run_sync, enqueue=enqueue
+        )
+        if res is None:
+            raise HTTPException(429, detail)
+        return res
+
+    @router.post("/train/{model}", summary="Train one model (M-SAM: checked parameters)")
+    async def train(
+        model: str, request: Request, run_sync: bool = False, enqueue: bool = False, user: User = admin_role
+    ) -> Any:
+        """Checked ``POST /train/<model>``: the body is a JSON object of training parameters."""
+        params = parse_params(await request.body(), app.limits, "training parameters", TRAIN_BODY_BYTES)
+        return await start_training(model, params, run_sync, enqueue)
+
+    @router.post("/train/", include_in_schema=False)
+    async def train_all(request: Request, run_sync: bool = False, user: User = admin_role) -> Any:
+        """Checked ``POST /train/``: the body maps model names to their training parameters."""
+        params = parse_params(await request.body(), app.limits, "training parameters", TRAIN_BODY_BYTES)
+        result = {}
+        for model in app.trainer_names():
+            given = params.get(model, {})
+            if not isinstance(given, dict):
+                raise HTTPException(400, f"training parameters of {model!r} must be a JSON object")
+            result[model] = {"result": await start_training(model, given, run_sync, True), "detail": None}
+        return result
+
+    @router.post("/train/{model}/restore", summary="Serve the weights that the last accepted training replaced")
+    def restore(model: str, user: User = admin_role) -> dict[str, Any]:
+        """Swap a model's served weights with the previous ones (``model.pt`` <-> ``model.pt.prev``)."""
+        return app.restore_weights(model)
+
+    return router
+
+
+def install(fastapi_app: FastAPI, app: Any) -> None:
+    """Put the app's handlers in front of MONAI Label's routes with the same paths (routes match first-come)."""
+    router = build_router(app)
+    before = len(fastapi_app.router.routes)
+    fastapi_app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
+    ours = fastapi_app.router.routes[before:]
+    del fastapi_app.router.routes[before:]
+    fastapi_app.router.routes[0:0] = ours
+    fastapi_app.openapi_schema = None
+    logger.info(f"M-SAM: checked handlers for {sorted({getattr(r, 'path', '') for r in router.routes})}")
