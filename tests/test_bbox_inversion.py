@@ -14,7 +14,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged, Orientationd, Spacingd
 
 from msam_components.transforms import CropOrPadAroundClicksd, MapClicksToImaged, PasteWindowd, window_geometry
-from msam_components.transforms.paste import mask_volume, resample_separable
+from msam_components.transforms.paste import mask_volume, resample_separable, zero_preserving
 
 REPO = Path(__file__).resolve().parents[1]
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # explicit, so Orientationd does not warn about its default
@@ -225,3 +225,63 @@ def test_bundle_inference_config_takes_the_fast_path(tmp_path: Path) -> None:
     assert fast.shape == reference.shape == (1, *hu.shape)
     np.testing.assert_allclose(fast.affine.numpy(), affine, atol=1e-5)
     assert _dice(fast.as_tensor() >= 0.5, reference.as_tensor() >= 0.5) >= 0.999
+
+
+def test_zero_preserving_accepts_only_positive_thresholds() -> None:
+    from monai.transforms import AsDiscreted, Lambdad
+
+    assert zero_preserving([AsDiscreted("pred", threshold=0.5)])
+    assert not zero_preserving([AsDiscreted("pred", threshold=0.0)])  # 0 >= 0 would fill the volume outside the box
+    assert not zero_preserving([AsDiscreted("pred", argmax=True)])
+    assert not zero_preserving([Lambdad("pred", lambda x: x + 1)])
+
+
+class _BlobInferer:
+    """Stands in for ClickInferer: logits of a ball around the first click (random tiny models predict nothing)."""
+
+    def __init__(self) -> None:
+        self.cache = type("Cache", (), {"misses": 0})()
+        self.last_decode_steps = 1
+
+    def __call__(self, image: MetaTensor, network: object, fg: torch.Tensor, bg: torch.Tensor) -> MetaTensor:
+        grid = torch.stack(
+            torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in image.shape[2:]], indexing="ij")
+        )
+        logits = 3.0 - ((grid - fg[0, 0].to(torch.float32).reshape(3, 1, 1, 1)) ** 2).sum(0).sqrt() / 2
+        return MetaTensor(logits[None, None], meta=image.meta, applied_operations=image.applied_operations)
+
+
+def test_app_task_box_mask_equals_full_inversion_and_keeps_its_cache(tmp_path: Path) -> None:
+    """The MONAI Label task (box_only paste, uint8 mask, shared cached voxels) against the whole-volume reference."""
+    pytest.importorskip("monailabel")
+    import sys
+
+    sys.path.insert(0, str(REPO / "monailabel_app"))
+    from lib.bundle_infer import MSAMBundleInferTask
+
+    overlay = REPO / "tests/configs/small_bundle.yaml"
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles/msam_kits19/configs/inference.yaml"), str(overlay)])
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
+    affine = _affine(_rotation(9.0, 4.0) @ np.diag([0.8, 0.8, 2.5]), (-60.0, -50.0, 5.0))
+    hu = np.random.default_rng(0).normal(40, 30, size=(160, 150, 50)).astype(np.int16)
+    image = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(hu, affine), str(image))
+    task = MSAMBundleInferTask(REPO / "bundles/msam_kits19", tmp_path / "model.pt", [str(overlay)], device="cpu")
+    parts = task._build()
+    parts["inferer"] = _BlobInferer()
+    paste = parts["postprocessing"].transforms[0]
+    assert isinstance(paste, PasteWindowd) and paste.box_only
+    masks = []
+    for click, full in (([80, 70, 25], False), ([80, 70, 25], True), ([90, 60, 20], False)):
+        paste.full_inversion = full
+        out, _ = task({"image": str(image), "foreground": [click], "background": []})
+        result = nib.load(out)
+        assert result.shape == hu.shape
+        np.testing.assert_allclose(result.affine, affine, atol=1e-5)
+        masks.append(np.asarray(result.dataobj))
+        cached = next(iter(parts["prepared_images"].values()))["image"]
+        assert [op["class"] for op in cached.applied_operations] == ["Orientation", "SpatialResample"]
+    fast, reference, moved = (torch.as_tensor(m > 0) for m in masks)
+    assert int(reference.sum()) > 0 and _dice(fast, reference) >= 0.999
+    assert not torch.equal(fast, moved)  # the third click really ran on the (unchanged) cached image

@@ -11,7 +11,7 @@ the reference it is tested against.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import product
 from typing import Any
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import Invertd, MapTransform, SpatialResample, Transform
+from monai.transforms import AsDiscreted, Invertd, MapTransform, SpatialResample, Transform
 from monai.utils import TraceKeys, ensure_tuple_rep
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "resample_separable",
     "window_box",
     "window_geometry",
+    "zero_preserving",
 ]
 
 SPATIAL_DIMS = 3
@@ -176,6 +177,22 @@ def paste_window(pred: torch.Tensor, geometry: WindowGeometry, margin: int = 2) 
     out = torch.zeros((box.shape[0], *geometry.input_shape), dtype=torch.float32)
     out[(slice(None), *(slice(s, s + n) for s, n in zip(start, box.shape[1:])))] = box
     return out
+
+
+def zero_preserving(transforms: Sequence[Callable]) -> bool:
+    """Whether postprocessing after a ``box_only`` paste keeps the zeros around the box zero, so it can run on the box.
+
+    True when every ``AsDiscreted`` only thresholds at a positive level (no argmax, one-hot or rounding) and every other
+    transform is one of this package's (read-only checks such as ``WarnEmptyMaskd``); anything else may turn 0 into 1.
+    """
+    for t in transforms:
+        if isinstance(t, AsDiscreted):
+            thresholds_only = not any(t.argmax) and not any(t.to_onehot) and all(r is None for r in t.rounding)
+            if not thresholds_only or not all(v is not None and v > 0 for v in t.threshold):
+                return False
+        elif not type(t).__module__.startswith("msam_components."):
+            return False
+    return True
 
 
 def mask_volume(pred: torch.Tensor) -> np.ndarray:
