@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from fastapi import HTTPException
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 from monai.transforms import Compose, SaveImaged, Spacing, Spacingd
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from msam_components.transforms import CropOrPadAroundClicksd, MapClicksToImaged
+from msam_components.transforms import CropOrPadAroundClicksd, MapClicksToImaged, PasteWindowd
+from msam_components.transforms.paste import mask_volume, zero_preserving
 
 from .guard import Limits, check_voxels
 
@@ -100,6 +102,19 @@ def check_clicks_inside(clicks: dict[str, list[list[int]]], shape: Sequence[int]
         for point in points:
             if any(not 0 <= v < s for v, s in zip(point, shape)):
                 raise HTTPException(400, f"{key!r}: click {point} is outside the image of shape {list(shape)}")
+
+
+def share_voxels(data: dict[str, Any]) -> dict[str, Any]:
+    """A per-request copy of a cached preprocessing result: MetaTensors keep their (large) voxel storage but get their
+    own metadata and transform trace, which the click stage appends to; other values are deep-copied."""
+    copied = {}
+    for k, v in data.items():
+        if isinstance(v, MetaTensor):
+            trace = copy.deepcopy(v.applied_operations)
+            copied[k] = MetaTensor(v.as_tensor(), meta=copy.deepcopy(v.meta), applied_operations=trace)
+        else:
+            copied[k] = copy.deepcopy(v)
+    return copied
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -187,6 +202,8 @@ class MSAMBundleInferTask(InferTask):
             parser["device"] = f"$torch.device('{self.device}')"
         post = parser.get_parsed_content("postprocessing")
         transforms = [t for t in post.transforms if not isinstance(t, SaveImaged)]
+        if transforms and isinstance(transforms[0], PasteWindowd) and zero_preserving(transforms[1:]):
+            transforms[0].box_only = True  # threshold the window's box, paste a uint8 mask: no full-size float volume
         preprocessing = parser.get_parsed_content("preprocessing")
         image_stage, click_stage = split_preprocessing(preprocessing)
         self._parts = {  # rebuilt when the weights file changes (e.g. after training from MONAI Label)
@@ -216,7 +233,8 @@ class MSAMBundleInferTask(InferTask):
             while len(cache) > PREPARED_IMAGES:
                 cache.popitem(last=False)
         cache.move_to_end(key)
-        return parts["click_stage"]({**copy.deepcopy(cache[key]), **clicks}), cached
+        data = parts["click_stage"]({**share_voxels(cache[key]), **clicks})
+        return {k: v.clone() if isinstance(v, MetaTensor) else v for k, v in data.items()}, cached  # no cache views
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Segment ``request["image"]`` from its clicks; return a temporary NIfTI mask in the input's geometry."""
@@ -255,7 +273,7 @@ class MSAMBundleInferTask(InferTask):
             data["pred"] = pred[0].detach().to("cpu")
             data["image"] = data["image"].to("cpu")
             data = parts["postprocessing"](data)
-            mask = np.asarray(data["pred"].detach().cpu().numpy()[0] > 0).astype(np.uint8)
+            mask = mask_volume(data["pred"])  # uint8, Fortran order: nibabel writes it without a transposing copy
             encoder_ran = parts["inferer"].cache.misses > misses
             decode_steps = getattr(parts["inferer"], "last_decode_steps", None)
             latency, load = time.perf_counter() - start, loaded - start
