@@ -565,6 +565,54 @@ def test_info_answers_while_an_inference_runs(server: dict) -> None:
     assert third.status_code == 429 and "max_pending_infers" in third.json()["detail"], third.text
 
 
+def _app_lib():
+    """The app's ``lib`` package, importable as the server imports it."""
+    if str(REPO / "monailabel_app") not in sys.path:
+        sys.path.insert(0, str(REPO / "monailabel_app"))
+    import lib.bundle_train
+    import lib.guard
+
+    return lib
+
+
+def test_weights_are_replaced_only_if_not_worse_and_the_previous_ones_restore(tmp_path: Path) -> None:
+    from fastapi import HTTPException
+
+    train = _app_lib().bundle_train
+    assert train.should_replace(None, 0.1) and train.should_replace(0.5, 0.5) and train.should_replace(0.5, 0.6)
+    assert not train.should_replace(0.5, 0.4) and not train.should_replace(0.5, float("nan"))
+    assert train.should_replace(float("nan"), 0.1)
+    served, candidate = tmp_path / "model.pt", tmp_path / "candidate.pt"
+    served.write_bytes(b"old")
+    candidate.write_bytes(b"new")
+    backup = train.promote(candidate, served)
+    assert (served.read_bytes(), backup.read_bytes(), backup.name) == (b"new", b"old", "model.pt.prev")
+    train.restore_previous(served)
+    assert (served.read_bytes(), backup.read_bytes()) == (b"old", b"new")
+    train.restore_previous(served)  # restoring twice undoes the restore
+    assert (served.read_bytes(), backup.read_bytes()) == (b"new", b"old")
+    backup.unlink()
+    with pytest.raises(HTTPException, match="no previous weights"):
+        train.restore_previous(served)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["candidate.pt", "model.pt"]  # no temporary files left
+
+
+def test_limits_and_names() -> None:
+    from fastapi import HTTPException
+
+    guard = _app_lib().guard
+    assert guard.Limits.from_conf({"max_voxels": "1000", "models": "all"}).max_voxels == 1000
+    for bad in ({"max_clicks": "many"}, {"max_learning_rate": "-1"}, {"max_upload_mb": "nan"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            guard.Limits.from_conf(bad)
+    for good in ("case_00000", "1.2.840.113619.2", "BraTS2021_00000_t1"):
+        assert guard.check_name(good, "image id") == good
+    for bad in ("", "..", "a/b", "a\\b", "/etc/passwd", ".lock", "x" * 200, "a\x00b", 7, None):
+        with pytest.raises(HTTPException) as err:
+            guard.check_name(bad, "image id")
+        assert err.value.status_code == 400 and "image id" in err.value.detail
+
+
 def test_cached_image_stage_reproduces_the_full_preprocessing(tmp_path: Path) -> None:
     """The app's per-file cache of the image-only preprocessing gives the same model input, clicks and inversion."""
     import copy
