@@ -193,7 +193,7 @@ class MSAMApp(MONAILabelApp):
     def validate_train_request(self, model: str, params: dict[str, Any]) -> dict[str, Any]:
         """Checked training parameters for ``model`` (404 for an unknown model, 400 naming a bad key)."""
         task = self._task(self._trainers, model, "trainable models")
-        return validate_train_params(params, task.limits)
+        return validate_train_params(params, task.limits, internal=())
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
         """MONAI Label's train entry point, with a 404 for an unknown model."""

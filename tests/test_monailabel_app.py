@@ -281,6 +281,7 @@ def test_train_serves_new_weights_only_if_not_worse_and_can_restore(server: dict
         ({"max_epochs": 0}, 400, "max_epochs"),
         ({"max_epochs": True}, 400, "max_epochs"),
         ({"junk": "x" * 200_000}, 400, "junk"),
+        ({"gpus": "0" * 200_000}, 400, "gpus"),
         ({"max_epochs": [1] * 100}, 413, "max_epochs"),
         ("[1, 2]", 400, "JSON object"),
         ("{not json", 400, "not valid JSON"),
@@ -293,6 +294,23 @@ def test_bad_training_parameters_are_refused_and_weights_kept(server: dict, body
         assert bad.status_code == code, bad.text
         assert fragment in bad.json()["detail"]
     assert server["ckpt"].read_bytes() == before
+
+
+def test_background_training_runs_to_the_end(server: dict) -> None:
+    """A valid run_sync=false training is queued, runs in MONAI Label's subprocess and ends DONE (not SUBMITTED)."""
+    import httpx
+
+    started = _train(server, {"max_epochs": 1}, run_sync=False)
+    assert started.status_code == 200, started.text
+    task_id = started.json()["id"]
+    deadline = time.monotonic() + REQUEST_TIMEOUT_S * 2
+    while True:
+        status = httpx.get(f"{server['base']}/train/", params={"all": True}, timeout=REQUEST_TIMEOUT_S).json()
+        task = next(t for t in status if t["id"] == task_id)
+        if task["status"] not in ("SUBMITTED", "RUNNING") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert task["status"] == "DONE", task
 
 
 def test_train_or_restore_unknown_model_is_404(server: dict) -> None:

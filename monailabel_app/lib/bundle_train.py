@@ -23,19 +23,20 @@ logger = logging.getLogger(__name__)
 
 TRAIN_DEFAULTS: dict[str, Any] = {"max_epochs": 1, "val_fraction": 0.2}
 TRAIN_KEYS = ("max_epochs", "val_fraction", "learning_rate")
-INTERNAL_KEYS = ("model", "gpus", "bundle_path")  # added by MONAI Label itself on the way to the task
+INTERNAL_KEYS = ("model", "gpus", "bundle_path", "local_rank")  # added by MONAI Label on the way to the task
 MAX_VALUE_CHARS = 64
 BACKUP_SUFFIX = ".prev"
 
 
-def validate_train_params(request: dict[str, Any], limits: Limits) -> dict[str, Any]:
+def validate_train_params(
+    request: dict[str, Any], limits: Limits, internal: tuple[str, ...] = INTERNAL_KEYS
+) -> dict[str, Any]:
     """The training parameters of a request, checked (400 naming the key): ``max_epochs`` an integer in
     1..``max_train_epochs``, ``val_fraction`` a number in (0, 1), ``learning_rate`` a finite number in
-    (0, ``max_learning_rate``]; any other key is refused."""
+    (0, ``max_learning_rate``]; any other key is refused, except the ``internal`` ones MONAI Label adds itself (a
+    client's request is checked with none)."""
     for key, value in request.items():
-        if key in INTERNAL_KEYS:
-            continue
-        if key not in TRAIN_KEYS:
+        if key not in TRAIN_KEYS and key not in internal:
             raise HTTPException(400, f"unknown training parameter {str(key)[:64]!r}; allowed: {list(TRAIN_KEYS)}")
         if len(json.dumps(value, default=str)) > MAX_VALUE_CHARS:
             raise HTTPException(413, f"training parameter {key!r} is longer than {MAX_VALUE_CHARS} characters")
