@@ -4,6 +4,7 @@ from .click_sampling import PADDING_LABEL, Click, error_regions, sample_click, s
 from .clicks import SimulateClickd
 from .intensity import NormalizeIntensityAboved
 from .paste import PasteWindowd, paste_window, window_geometry
+from .resample import SeparableSpacingd
 from .spatial import (
     CropOrPadAroundClicksd,
     CropOrPadAroundLabeld,
@@ -24,6 +25,7 @@ __all__ = [
     "NamedNibabelReader",
     "NormalizeIntensityAboved",
     "PasteWindowd",
+    "SeparableSpacingd",
     "SimulateClickd",
     "ValidateVolumesd",
     "WarnEmptyMaskd",

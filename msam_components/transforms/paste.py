@@ -23,12 +23,13 @@ from monai.data import MetaTensor
 from monai.transforms import AsDiscreted, Invertd, MapTransform, SpatialResample, Transform
 from monai.utils import TraceKeys, ensure_tuple_rep
 
+from .resample import INTERP_MODES, resample_separable
+
 __all__ = [
     "PasteWindowd",
     "WindowGeometry",
     "mask_volume",
     "paste_window",
-    "resample_separable",
     "window_box",
     "window_geometry",
     "zero_preserving",
@@ -37,9 +38,7 @@ __all__ = [
 SPATIAL_DIMS = 3
 RESAMPLE_OPS = ("SpatialResample", "Spacing")  # Spacing records itself as SpatialResample; both keep world positions
 REORIENT_OPS = ("Orientation",)  # exact axis permutations and flips, also world-preserving
-INTERP_MODES = ("bilinear", "nearest")  # modes whose value depends only on the neighbouring voxels (not spline)
 BOX_KEY = "pasted_box"  # meta of a box_only result: its start and the input shape, for mask_volume
-AXIS_TOL = 1e-9  # voxel-mapping entries below this are zero: grids whose axes are parallel
 
 
 @dataclass(frozen=True)
@@ -207,77 +206,6 @@ def mask_volume(pred: torch.Tensor) -> np.ndarray:
     out = np.zeros(tuple(box["input_shape"]), dtype=np.uint8, order="F")
     out[tuple(slice(s, s + n) for s, n in zip(box["start"], values.shape))] = values
     return out
-
-
-def _axis_map(src_affine: torch.Tensor, dst_affine: torch.Tensor) -> list[tuple[int, float, float]] | None:
-    """Per destination axis: (source axis, step, offset) of the voxel mapping, or None when it mixes axes."""
-    xform = torch.linalg.solve(src_affine, dst_affine)  # destination voxel -> source voxel
-    linear = xform[:SPATIAL_DIMS, :SPATIAL_DIMS]
-    axes = []
-    for a in range(SPATIAL_DIMS):
-        nonzero = (linear[:, a].abs() > AXIS_TOL).nonzero().flatten().tolist()
-        if len(nonzero) != 1:
-            return None
-        axes.append((nonzero[0], float(linear[nonzero[0], a]), float(xform[nonzero[0], SPATIAL_DIMS])))
-    return axes if sorted(b for b, _, _ in axes) == list(range(SPATIAL_DIMS)) else None
-
-
-def _resample_axis(values: torch.Tensor, dim: int, coords: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
-    """Sample ``values`` along ``dim`` at fractional voxel ``coords`` (``grid_sample``'s rules for one axis)."""
-    n = values.shape[dim]
-    shape = [1] * values.ndim
-    shape[dim] = len(coords)
-    if padding_mode == "border":
-        coords = coords.clamp(0, n - 1)
-    if mode == "nearest":
-        index = torch.round(coords).to(torch.int64)
-        inside = (index >= 0) & (index < n)
-        picked = values.index_select(dim, index.clamp(0, n - 1))
-        return picked if bool(inside.all()) else picked * inside.to(values.dtype).reshape(shape)
-    low = torch.floor(coords)
-    weight_high = (coords - low).to(values.dtype)
-    low = low.to(torch.int64)
-    if padding_mode == "border":  # both neighbours inside (clamped coordinates): one fused interpolation
-        high = values.index_select(dim, (low + 1).clamp(max=n - 1))
-        return torch.lerp(values.index_select(dim, low), high, weight_high.reshape(shape))
-    weights = []
-    for index, weight in ((low, 1 - weight_high), (low + 1, weight_high)):
-        inside = ((index >= 0) & (index < n)).to(values.dtype)
-        weights.append((index.clamp(0, n - 1), (weight * inside).reshape(shape)))
-    (i0, w0), (i1, w1) = weights
-    return values.index_select(dim, i0) * w0 + values.index_select(dim, i1) * w1
-
-
-def resample_separable(
-    values: torch.Tensor,
-    src_affine: torch.Tensor,
-    dst_affine: torch.Tensor,
-    spatial_size: Sequence[int],
-    mode: str = "bilinear",
-    padding_mode: str = "border",
-    align_corners: bool = False,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor | None:
-    """Resample ``[C, *spatial]`` onto ``dst_affine``'s grid one axis at a time; None if the grids are not aligned.
-
-    When each destination axis runs along one source axis (reorientation and spacing changes, also of oblique images)
-    trilinear interpolation is a product of 1-D interpolations, so three 1-D passes give ``SpatialResample``'s
-    result (same voxel-centre convention for either ``align_corners``, same border and zero padding) at a fraction of
-    its cost. Computed in ``dtype``, returned as float32 like ``SpatialResample``.
-    """
-    del align_corners  # voxel indices are voxel centres either way once MONAI has normalised the affine
-    axes = _axis_map(src_affine, dst_affine)
-    if axes is None or mode not in INTERP_MODES or padding_mode not in ("border", "zeros"):
-        return None
-    # bring the source axes into destination order, then shrink first: cheaper passes on the larger grid later
-    source_axes = [b for b, _, _ in axes]
-    out = torch.as_tensor(values).to(dtype).permute(0, *[b + 1 for b in source_axes])
-    order = sorted(range(SPATIAL_DIMS), key=lambda a: spatial_size[a] / out.shape[a + 1])
-    for a in order:
-        _, step, offset = axes[a]
-        coords = torch.arange(int(spatial_size[a]), dtype=torch.float64) * step + offset
-        out = _resample_axis(out, a + 1, coords, mode, padding_mode)
-    return out.to(torch.float32).contiguous()
 
 
 class PasteWindowd(MapTransform):
