@@ -208,10 +208,11 @@ class MSAMApp(MONAILabelApp):
         """In the server, put the app's checked handlers in front of MONAI Label's (see ``lib/routes.py``)."""
         super().on_init_complete()
         server = sys.modules.get("monailabel.app")
-        if server is not None and hasattr(server, "app"):
+        if server is not None and hasattr(server, "app") and not getattr(server.app.state, "msam_routes", False):
             from lib.routes import install
 
-            install(server.app, self)
+            install(server.app)
+            server.app.state.msam_routes = True
 
     def info(self) -> dict[str, Any]:
         """App info plus the bundle folder served."""

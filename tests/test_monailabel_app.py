@@ -631,6 +631,23 @@ def test_limits_and_names() -> None:
         assert err.value.status_code == 400 and "image id" in err.value.detail
 
 
+def test_paths_stay_inside_the_studies_also_through_links(tmp_path: Path) -> None:
+    from fastapi import HTTPException
+
+    guard = _app_lib().guard
+    studies, outside = tmp_path / "studies", tmp_path / "outside.nii.gz"
+    studies.mkdir()
+    outside.write_bytes(b"x")
+    (studies / "linked.nii.gz").symlink_to(outside)
+    assert guard.inside(studies, "case.nii.gz", "image") == str(studies / "case.nii.gz")
+    for name in ("linked.nii.gz", "../outside.nii.gz", str(outside)):
+        with pytest.raises(HTTPException, match="outside the studies folder"):
+            guard.inside(studies, name, "image")
+    dest = studies / "linked.nii.gz"
+    guard.atomic_copy(studies / "../outside.nii.gz", dest)  # replaces the link itself, never writes through it
+    assert not dest.is_symlink() and outside.read_bytes() == b"x" and sorted(os.listdir(studies)) == ["linked.nii.gz"]
+
+
 def test_cached_image_stage_reproduces_the_full_preprocessing(tmp_path: Path) -> None:
     """The app's per-file cache of the image-only preprocessing gives the same model input, clicks and inversion."""
     import copy

@@ -18,6 +18,7 @@ from monailabel.config import settings
 from monailabel.endpoints.infer import ResultType, send_response
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.async_tasks.task import AsyncTask
 from starlette.concurrency import run_in_threadpool
 
@@ -35,8 +36,8 @@ def _remove(path: Any) -> None:
         os.remove(path)
 
 
-def build_router(app: Any) -> APIRouter:
-    """Handlers bound to the M-SAM app instance ``app`` (see ``MSAMApp``)."""
+def build_router() -> APIRouter:
+    """Handlers that call the current M-SAM app instance (``MSAMApp``; MONAI Label's ``/reload`` replaces it)."""
     router = APIRouter()
     user_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
     annotator_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))
@@ -55,6 +56,7 @@ def build_router(app: Any) -> APIRouter:
         user: User = user_role,
     ) -> Any:
         """Segment a datastore image (``?image=<id>``) or an uploaded NIfTI from the clicks in ``params``."""
+        app = app_instance()
         if session_id:
             raise HTTPException(400, "sessions are not supported by this app: put the image into the datastore first")
         if label is not None:
@@ -81,8 +83,9 @@ def build_router(app: Any) -> APIRouter:
             _remove(result.get("file"))
             raise
 
-    def add_image(background_tasks: BackgroundTasks, image: Optional[str], params: str, file: UploadFile, user: User):
+    def add_image(image: Optional[str], params: str, file: UploadFile, user: User) -> dict[str, Any]:
         """Store an uploaded NIfTI volume under a checked id."""
+        app = app_instance()
         info = parse_params(params, app.limits)
         ext = nifti_extension(file.filename, "uploaded image")
         image_id = image if image else os.path.basename(file.filename or "")[: -len(ext)]
@@ -95,25 +98,23 @@ def build_router(app: Any) -> APIRouter:
 
     @router.put("/datastore/image", summary="Upload a new image (M-SAM: checked)")
     def put_image(
-        background_tasks: BackgroundTasks,
         image: Optional[str] = None,
         params: str = Form("{}"),
         file: UploadFile = File(...),
         user: User = annotator_role,
     ) -> dict[str, Any]:
         """Checked ``PUT /datastore/image``."""
-        return add_image(background_tasks, image, params, file, user)
+        return add_image(image, params, file, user)
 
     @router.put("/datastore/", include_in_schema=False)
     def put_image_deprecated(
-        background_tasks: BackgroundTasks,
         image: Optional[str] = None,
         params: str = Form("{}"),
         file: UploadFile = File(...),
         user: User = annotator_role,
     ) -> dict[str, Any]:
         """Checked ``PUT /datastore/`` (MONAI Label's deprecated alias of ``/datastore/image``)."""
-        return add_image(background_tasks, image, params, file, user)
+        return add_image(image, params, file, user)
 
     @router.put("/datastore/label", summary="Save a finished label (M-SAM: checked)")
     def put_label(
@@ -124,6 +125,7 @@ def build_router(app: Any) -> APIRouter:
         user: User = annotator_role,
     ) -> dict[str, Any]:
         """Store an uploaded label for a datastore image under a checked tag."""
+        app = app_instance()
         info = parse_params(params, app.limits)
         tag = tag or DefaultLabelTag.FINAL.value
         check_name(tag, "label tag")
@@ -141,7 +143,7 @@ def build_router(app: Any) -> APIRouter:
 
     async def start_training(model: str, params: dict[str, Any], run_sync: bool, enqueue: bool) -> Any:
         """Validate, then run (``run_sync``) or queue one bundle's training in a worker thread."""
-        clean = app.validate_train_request(model, params)
+        clean = app_instance().validate_train_request(model, params)
         res, detail = await run_in_threadpool(
             AsyncTask.run, "train", request={"model": model}, params=clean, force_sync=run_sync, enqueue=enqueue
         )
@@ -154,12 +156,13 @@ def build_router(app: Any) -> APIRouter:
         model: str, request: Request, run_sync: bool = False, enqueue: bool = False, user: User = admin_role
     ) -> Any:
         """Checked ``POST /train/<model>``: the body is a JSON object of training parameters."""
-        params = parse_params(await request.body(), app.limits, "training parameters", TRAIN_BODY_BYTES)
+        params = parse_params(await request.body(), app_instance().limits, "training parameters", TRAIN_BODY_BYTES)
         return await start_training(model, params, run_sync, enqueue)
 
     @router.post("/train/", include_in_schema=False)
     async def train_all(request: Request, run_sync: bool = False, user: User = admin_role) -> Any:
         """Checked ``POST /train/``: the body maps model names to their training parameters."""
+        app = app_instance()
         params = parse_params(await request.body(), app.limits, "training parameters", TRAIN_BODY_BYTES)
         result = {}
         for model in app.trainer_names():
@@ -172,14 +175,14 @@ def build_router(app: Any) -> APIRouter:
     @router.post("/train/{model}/restore", summary="Serve the weights that the last accepted training replaced")
     def restore(model: str, user: User = admin_role) -> dict[str, Any]:
         """Swap a model's served weights with the previous ones (``model.pt`` <-> ``model.pt.prev``)."""
-        return app.restore_weights(model)
+        return app_instance().restore_weights(model)
 
     return router
 
 
-def install(fastapi_app: FastAPI, app: Any) -> None:
+def install(fastapi_app: FastAPI) -> None:
     """Put the app's handlers in front of MONAI Label's routes with the same paths (routes match first-come)."""
-    router = build_router(app)
+    router = build_router()
     before = len(fastapi_app.router.routes)
     fastapi_app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
     ours = fastapi_app.router.routes[before:]
