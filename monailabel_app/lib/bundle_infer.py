@@ -262,6 +262,7 @@ class MSAMBundleInferTask(InferTask):
                 cause = _root_cause(err)
                 code = 400 if isinstance(cause, ValueError) else 500
                 raise HTTPException(code, f"preprocessing failed: {cause}") from err
+            prepared = time.perf_counter()
             device = parts["device"]
             with torch.no_grad():
                 pred = parts["inferer"](
@@ -271,6 +272,7 @@ class MSAMBundleInferTask(InferTask):
                     data["background"][None].to(device),
                 )
             data["pred"] = pred[0].detach().to("cpu")
+            predicted = time.perf_counter()
             data["image"] = data["image"].to("cpu")
             data = parts["postprocessing"](data)
             mask = mask_volume(data["pred"])  # uint8, Fortran order: nibabel writes it without a transposing copy
@@ -282,7 +284,11 @@ class MSAMBundleInferTask(InferTask):
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix=f"{self.name}_", delete=False).name
         header = header_img.header.copy()
         header.set_data_dtype(np.uint8)
+        saving = time.perf_counter()
         nib.save(nib.Nifti1Image(mask, header_img.affine, header), out)
+        seconds = {"total": latency, "model_load": load, "preprocess": prepared - loaded, "model": predicted - prepared}
+        # the phases of "total" (which ends before the mask is written), and the NIfTI write
+        seconds |= {"postprocess": start + latency - predicted, "save": time.perf_counter() - saving}
         params = {
             "model": self.name,
             "label_names": {self.label_name: 1},
@@ -291,7 +297,7 @@ class MSAMBundleInferTask(InferTask):
             "encoder_ran": encoder_ran,
             "decode_steps": decode_steps,
             "image_cached": image_cached,
-            "latency": {"total": round(latency, 4), "model_load": round(load, 4)},
+            "latency": {k: round(v, 4) for k, v in seconds.items()},
         }
         logger.info(
             f"M-SAM {self.name}: {latency:.3f}s, encoder {'ran' if encoder_ran else 'cached'}, "
