@@ -44,30 +44,48 @@ def _axis_map(
     return axes if sorted(b for b, _, _ in axes) == list(range(SPATIAL_DIMS)) else None
 
 
-def _resample_axis(values: torch.Tensor, dim: int, coords: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
-    """Sample ``values`` along ``dim`` at fractional voxel ``coords`` (``grid_sample``'s rules for one axis)."""
-    n = values.shape[dim]
-    shape = [1] * values.ndim
-    shape[dim] = len(coords)
+def _taps(coords: torch.Tensor, n: int, mode: str, padding_mode: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The source voxels and weights (one pair per neighbour) of 1-D samples at ``coords``, as ``grid_sample``."""
     if padding_mode == "border":
         coords = coords.clamp(0, n - 1)
     if mode == "nearest":
-        index = torch.round(coords).to(torch.int64)
-        inside = (index >= 0) & (index < n)
-        picked = values.index_select(dim, index.clamp(0, n - 1))
-        return picked if bool(inside.all()) else picked * inside.to(values.dtype).reshape(shape)
-    low = torch.floor(coords)
-    weight_high = (coords - low).to(values.dtype)
-    low = low.to(torch.int64)
-    if padding_mode == "border":  # both neighbours inside (clamped coordinates): one fused interpolation
-        high = values.index_select(dim, (low + 1).clamp(max=n - 1))
-        return torch.lerp(values.index_select(dim, low), high, weight_high.reshape(shape))
-    weights = []
-    for index, weight in ((low, 1 - weight_high), (low + 1, weight_high)):
-        inside = ((index >= 0) & (index < n)).to(values.dtype)
-        weights.append((index.clamp(0, n - 1), (weight * inside).reshape(shape)))
-    (i0, w0), (i1, w1) = weights
-    return values.index_select(dim, i0) * w0 + values.index_select(dim, i1) * w1
+        taps = [(torch.round(coords).to(torch.int64), torch.ones_like(coords))]
+    else:
+        low = torch.floor(coords)
+        taps = [(low.to(torch.int64), 1 - (coords - low)), (low.to(torch.int64) + 1, coords - low)]
+    # a neighbour outside the source counts as 0 ("zeros"); with "border" it only occurs with weight 0
+    return [(index.clamp(0, n - 1), weight * ((index >= 0) & (index < n))) for index, weight in taps]
+
+
+def _resample_axis(values: torch.Tensor, dim: int, coords: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """Sample ``values`` along ``dim`` at fractional voxel ``coords`` (``grid_sample``'s rules for one axis).
+
+    Along the last (contiguous) axis the samples are one matrix product with the interpolation matrix, which BLAS runs
+    far faster than a gather of single elements; along the other axes whole rows are gathered and blended.
+    """
+    n = values.shape[dim]
+    taps = _taps(coords, n, mode, padding_mode)
+    if dim == values.ndim - 1:
+        matrix = torch.zeros((n, len(coords)), dtype=torch.float64)
+        columns = torch.arange(len(coords))
+        for index, weight in taps:
+            matrix.index_put_((index, columns), weight.to(torch.float64), accumulate=True)
+        return values @ matrix.to(values.dtype)
+    shape = [1] * values.ndim
+    shape[dim] = len(coords)
+
+    def rows(index: torch.Tensor) -> torch.Tensor:
+        """Gather along ``dim`` by indexing (``index_select`` on a middle axis is many times slower on CPU)."""
+        return values[(slice(None),) * dim + (index,)]
+
+    (i0, w0), *rest = taps
+    out = rows(i0)
+    if not rest:
+        return out if bool((w0 == 1).all()) else out * w0.to(values.dtype).reshape(shape)
+    ((i1, w1),) = rest
+    if bool((w0 + w1 == 1).all()):  # no neighbour dropped: one fused blend
+        return torch.lerp(out, rows(i1), w1.to(values.dtype).reshape(shape))
+    return out * w0.to(values.dtype).reshape(shape) + rows(i1) * w1.to(values.dtype).reshape(shape)
 
 
 def resample_separable(
