@@ -180,9 +180,12 @@ def test_other_chains_fall_back_to_invertd(tmp_path: Path) -> None:
     assert torch.equal(fast.as_tensor(), reference.as_tensor())
 
 
-def test_flags_must_be_booleans() -> None:
-    with pytest.raises(TypeError, match="full_inversion must be a bool"):
-        PasteWindowd("pred", _pipeline(), full_inversion="false")
+def test_flags_read_like_every_boolean_option() -> None:
+    """A command-line "false" is False (not a truthy string); anything else that is not a boolean is refused."""
+    assert PasteWindowd("pred", _pipeline(), full_inversion="false").full_inversion is False
+    assert PasteWindowd("pred", _pipeline(), full_inversion="True").full_inversion is True
+    with pytest.raises(TypeError, match="full_inversion"):
+        PasteWindowd("pred", _pipeline(), full_inversion="fast")
 
 
 def test_bundle_inference_config_takes_the_fast_path(tmp_path: Path) -> None:

@@ -3,8 +3,9 @@
 Inference preprocesses the whole image (reorientation, resampling to ``pixdim``) and crops a 128^3 window around the
 clicks. ``monai.transforms.Invertd`` maps the window's prediction back by padding it to the whole resampled volume and
 resampling all of it, which costs seconds on a 512x512x134 CT although everything outside the window is zero.
-:class:`PasteWindowd` resamples only the bounding box of the window (plus a zero margin) in the input grid and pastes
-it into an all-zero volume of the input's shape and affine; ``full_inversion=True`` keeps the plain ``Invertd`` path as
+:class:`PasteWindowd` resamples only the bounding box of the window (plus a zero margin) in the input grid, as three
+1-D passes where the grids are aligned (:func:`~msam_components.transforms.resample.resample_separable`), and pastes it
+into an all-zero volume of the input's shape and affine; ``full_inversion=True`` keeps the plain ``Invertd`` path as
 the reference it is tested against.
 """
 
@@ -23,6 +24,7 @@ from monai.data import MetaTensor
 from monai.transforms import AsDiscreted, Invertd, MapTransform, SpatialResample, Transform
 from monai.utils import TraceKeys, ensure_tuple_rep
 
+from ..checks import as_bool
 from .resample import INTERP_MODES, resample_separable
 
 __all__ = [
@@ -236,20 +238,17 @@ class PasteWindowd(MapTransform):
         """Configure like ``Invertd``; ``full_inversion`` selects the plain whole-volume path, ``dtype`` the computation
         dtype of the fast path (None: the recorded one, as ``Invertd``), ``margin`` the zero rim in resampled voxels."""
         MapTransform.__init__(self, keys, allow_missing_keys)
-        for name, flag in (("full_inversion", full_inversion), ("box_only", box_only)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool (true or false), got {flag!r}")
         self.orig_keys = ensure_tuple_rep(orig_keys, len(self.keys))
-        self.nearest_interp = nearest_interp
-        self.full_inversion = full_inversion
-        self.box_only = box_only
+        self.nearest_interp = as_bool(nearest_interp, "nearest_interp")
+        self.full_inversion = as_bool(full_inversion, "full_inversion")  # "false" from a command line is False
+        self.box_only = as_bool(box_only, "box_only")
         self.dtype = dtype
         self.margin = int(margin)
         self.reference = Invertd(
             keys=keys,
             transform=transform,
             orig_keys=orig_keys,
-            nearest_interp=nearest_interp,
+            nearest_interp=self.nearest_interp,
             to_tensor=to_tensor,
             allow_missing_keys=allow_missing_keys,
         )
