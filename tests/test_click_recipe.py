@@ -90,11 +90,22 @@ def test_starting_mask_and_feedback_dropout() -> None:
     for seed in range(20):  # lesions in the starting mask (A is large enough to show at low resolution) join the target
         sim = ClickSimulator(label, np.random.RandomState(seed), initial_mask_prob=1.0, target="clicked")
         fed = sim.feedback(0, zeros)
-        assert bool(sim._selected[0, 1:].any()) or not bool((fed > 0).any())
         assert not bool(sim._selected[0, 1]) or bool((fed > 0).any())
         sim(0, sim_full(fed))
+        kept = sim._kept_fp[0]
+        extra = sim.target(0) > label  # only a starting-mask false positive is a target outside the label
+        assert torch.equal(extra[0, 0], kept if kept is not None else torch.zeros_like(extra[0, 0]))
+        if kept is not None:  # a negative click in it removes it from the target
+            inside = torch.nonzero(kept)[0]
+            sim._select(inside.view(1, 1, 3), torch.tensor([[0]]))
+            assert not (sim._current_target() > label).any()
         if sim._selected[0, 1]:
             assert sim.target(0)[0, 0, 2:12, 2:12, 2:12].all()
+    components = torch.zeros(32, 32, 32, dtype=torch.int64).numpy()
+    components[2:12, 2:12, 2:12] = 1
+    moved = [ClickSimulator(label, np.random.RandomState(s))._displaced_lesion(components) for s in range(10)]
+    assert any(m.sum() == 1000 for m in moved)  # a whole copy of the lesion...
+    assert not any((m & (components > 0)).any() for m in moved)  # ...never on a lesion
     dropper = ClickSimulator(label, np.random.RandomState(0), feedback_dropout=1.0)
     ones = torch.ones(1, 1, 8, 8, 8)
     assert torch.equal(dropper.feedback(0, ones), ones)  # the first mask is never dropped

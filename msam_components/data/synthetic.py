@@ -110,6 +110,14 @@ def _lumpy_mm(
     return dist <= 1.0 + 0.3 * field[: shape[0], : shape[1], : shape[2]]
 
 
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected component of a mask (the mask itself when it is empty)."""
+    components, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    return components == int(np.argmax(np.bincount(components.reshape(-1))[1:])) + 1
+
+
 def _place_blobs(
     rng: np.random.Generator,
     grid: list[np.ndarray],
@@ -126,7 +134,7 @@ def _place_blobs(
         if len(blobs) == count:
             break
         centre = np.asarray(centres[int(rng.integers(len(centres)))], dtype=float)
-        blob = _lumpy_mm(rng, grid, shape, centre, rng.uniform(*radius_range)) & allowed
+        blob = _largest_component(_lumpy_mm(rng, grid, shape, centre, rng.uniform(*radius_range)) & allowed)
         if blob.sum() < 8 or (ndimage.binary_dilation(blob, iterations=2) & taken).any():
             continue
         blobs.append(blob)
@@ -227,47 +235,81 @@ def _ct_case(
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), seg
 
 
-def _brats_case(rng: np.random.Generator, shape: Shape, modalities: Sequence[str]) -> tuple[dict, np.ndarray]:
-    """Return z-scored MR-like volumes per modality and BraTS labels (2 edema around 4 enhancing around 1 necrosis)."""
-    size = np.array(shape, dtype=float)
-    centre = size / 2.0
-    brain_radii = size * np.array([0.42, 0.45, 0.4])
-    brain = _ellipsoid(shape, centre, brain_radii)
+def _glioma(
+    rng: np.random.Generator, grid: list[np.ndarray], shape: Shape, centre: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One glioma of about ``radius`` mm: irregular oedema around an enhancing core around necrosis (nested masks)."""
+    oedema = _lumpy_mm(rng, grid, shape, centre, radius)
+    core = _lumpy_mm(rng, grid, shape, centre, radius * rng.uniform(0.4, 0.55)) & oedema
+    necrosis = _ellipsoid_mm(grid, centre, [radius * rng.uniform(0.15, 0.25)] * 3) & core
+    core |= ndimage.binary_dilation(necrosis)
+    oedema |= ndimage.binary_dilation(core)
+    return oedema, core, necrosis
+
+
+def _brats_case(
+    rng: np.random.Generator,
+    shape: Shape,
+    modalities: Sequence[str],
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    num_lesions: tuple[int, int] = (1, 3),
+    num_mimics: tuple[int, int] = (1, 2),
+) -> tuple[dict, np.ndarray]:
+    """Return z-scored MR-like volumes per modality and BraTS labels (2 oedema around 4 enhancing around 1 necrosis).
+
+    A case holds one to three irregular gliomas (multifocal disease) and one or two unlabelled look-alikes that are as
+    bright as oedema on FLAIR and T2 but do not enhance (white-matter hyperintensities), so the whole tumour cannot be
+    told from them on FLAIR alone and clicks have to say which is which.
+    """
+    grid = _mm_grid(shape, spacing)
+    fov = np.array(shape, dtype=float) * np.asarray(spacing, dtype=float)
+    scale = min(fov) / 64.0
+    centre = fov / 2.0
+    brain_radii = fov * np.array([0.42, 0.45, 0.4])
+    brain = _ellipsoid_mm(grid, centre, brain_radii)
     ventricles = np.zeros(shape, dtype=bool)
     for side in (-1.0, 1.0):
-        ventricles |= _ellipsoid(shape, centre + size * [side * 0.06, -0.02, 0.02], size * np.array([0.04, 0.12, 0.06]))
-    scale = min(shape) / 64.0
-    direction = rng.normal(size=3)
-    # Centre within 0.3 of the brain radii and edema radii <= 0.6 of them: the lesion core stays inside the brain.
-    lesion_centre = centre + direction / np.linalg.norm(direction) * rng.uniform(0.0, 0.3) * brain_radii
-    core_radii = rng.uniform(max(2.5, 3.0 * scale), max(3.5, 7.0 * scale), size=3)
-    edema_radii = np.minimum(core_radii * rng.uniform(1.6, 2.2, size=3) + 1.5, 0.6 * brain_radii)
-    core_radii = np.minimum(core_radii, edema_radii - 1.5)
-    edema = _ellipsoid(shape, lesion_centre, edema_radii)
-    for _ in range(int(rng.integers(1, 3))):  # extra lobes make the edema irregular
-        offset = rng.uniform(-0.5, 0.5, size=3) * edema_radii
-        edema |= _ellipsoid(shape, lesion_centre + offset, edema_radii * rng.uniform(0.5, 0.8, size=3))
-    core = _ellipsoid(shape, lesion_centre, core_radii)
-    necrosis = _ellipsoid(shape, lesion_centre, np.maximum(core_radii * rng.uniform(0.4, 0.6), 1.0))
-    # Enforce the nesting on the voxel grid: necrosis wrapped in enhancing tumour, tumour core wrapped in edema.
-    core |= ndimage.binary_dilation(necrosis)
-    edema = (edema & brain) | ndimage.binary_dilation(core)
+        ventricles |= _ellipsoid_mm(grid, centre + fov * [side * 0.06, -0.02, 0.02], fov * np.array([0.04, 0.12, 0.06]))
+    inside = _ellipsoid_mm(grid, centre, brain_radii - 3.0 * scale) & ~ventricles
+    candidates = []
+    for _ in range(16):
+        direction = rng.normal(size=3)
+        candidates.append(centre + direction / np.linalg.norm(direction) * rng.uniform(0.2, 0.6) * brain_radii)
+    count = int(rng.integers(num_lesions[0], num_lesions[1] + 1))
     seg = np.zeros(shape, dtype=np.uint8)
-    seg[edema] = 2
-    seg[core] = 4
-    seg[necrosis] = 1
+    taken = np.zeros(shape, dtype=bool)  # gliomas may abut the ventricles, not each other
+    placed = 0
+    for _ in range(60):
+        if placed == count:
+            break
+        lesion_centre = np.asarray(candidates[int(rng.integers(len(candidates)))])
+        oedema, core, necrosis = _glioma(rng, grid, shape, lesion_centre, rng.uniform(6.0, 11.0) * scale)
+        oedema = _largest_component(oedema & inside)
+        if oedema.sum() < 8 or (ndimage.binary_dilation(oedema, iterations=2) & taken).any():
+            continue
+        seg[oedema] = 2
+        seg[core & oedema] = 4
+        seg[necrosis & oedema] = 1
+        taken |= oedema
+        placed += 1
+    mimic_count = int(rng.integers(num_mimics[0], num_mimics[1] + 1))
+    mimics = _place_blobs(rng, grid, shape, mimic_count, candidates, (3.0 * scale, 6.0 * scale), inside, taken)
+    mimic = np.zeros(shape, dtype=bool)
+    for blob in mimics:
+        mimic |= blob
     volumes = {}
     for mod in modalities:
         if mod not in _BRATS_CONTRAST:
             raise ValueError(f"unknown BraTS modality {mod!r}; choose from {sorted(_BRATS_CONTRAST)}")
-        tissue, ventricle, oedema, enhancing, necrotic = _BRATS_CONTRAST[mod]
+        tissue, ventricle, oedema_level, enhancing, necrotic = _BRATS_CONTRAST[mod]
         img = np.full(shape, tissue)
         img[ventricles] = ventricle
-        img[seg == 2], img[seg == 4], img[seg == 1] = oedema, enhancing, necrotic
+        img[seg == 2], img[seg == 4], img[seg == 1] = oedema_level, enhancing, necrotic
+        img[mimic] = oedema_level if mod in ("flair", "t2") else tissue * 1.05
         img *= rng.uniform(0.9, 1.1)
         img += rng.normal(0.0, 0.08, size=shape)
-        inside = img[brain]
-        volumes[mod] = np.where(brain, (img - inside.mean()) / inside.std(), 0.0).astype(np.float32)
+        inside_values = img[brain]
+        volumes[mod] = np.where(brain, (img - inside_values.mean()) / inside_values.std(), 0.0).astype(np.float32)
     return volumes, seg
 
 
@@ -306,7 +348,7 @@ def make_brats21_like(
     cases = []
     for index in range(num_cases):
         case = f"BraTS2021_{index:05d}"
-        volumes, seg = _brats_case(_case_rng(seed, index), shape, modalities)
+        volumes, seg = _brats_case(_case_rng(seed, index), shape, modalities, spacing)
         for mod, volume in volumes.items():
             _save_nifti(volume, root / case / f"{case}_{mod}.nii.gz", spacing)
         _save_nifti(seg, root / case / f"{case}_seg.nii.gz", spacing)

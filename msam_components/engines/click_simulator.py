@@ -6,10 +6,12 @@ target = every lesion voxel) it holds what a recipe needs so that a model cannot
 
 * ``strategy`` may be a mixture (``{"random": 0.5, "interior": 0.5}``), drawn per click;
 * ``target="clicked"``: each click's target is the lesions (connected components of the label) that a positive click
-  has touched so far, plus those in the starting mask. A model that copies its mask or segments every lesion-like
-  blob is then wrong, while one that adds the clicked lesion, and nothing else, is right;
+  has touched so far, plus those in the starting mask, plus a starting mask's false positive until a negative click
+  lands in it. A model that copies its mask or segments every lesion-like blob is then wrong, while one that adds the
+  clicked lesion, removes the clicked false positive, and changes nothing else, is right;
 * ``initial_mask_prob``: a share of the training cases start from an imperfect mask (lesions dropped, boundaries
-  dilated or eroded) instead of an empty one, so the first clicks correct an existing mask;
+  dilated or eroded, a false-positive blob added) instead of an empty one, so the first clicks correct an existing
+  mask, negative clicks included;
 * ``feedback_dropout``: a share of the fed-back masks is replaced by an empty one, so the clicks must carry the
   segmentation on their own (with ``pass_all_clicks``).
 """
@@ -91,6 +93,7 @@ class ClickSimulator:
         self.targets: list[torch.Tensor] = []
         self._components: torch.Tensor | None = None
         self._selected: torch.Tensor | None = None
+        self._kept_fp: list[torch.Tensor | None] = [None] * label.shape[0]  # starting-mask false positives
         if target == "clicked":
             comps = [ndimage.label(m[0].detach().cpu().numpy() > 0)[0] for m in label]
             self._components = torch.as_tensor(np.stack(comps), device=label.device, dtype=torch.int64)
@@ -122,13 +125,17 @@ class ClickSimulator:
         return points, labels
 
     def _select(self, points: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add the lesions under this step's positive clicks to the selected set."""
+        """Add the lesions under this step's positive clicks to the selected set; a negative click in a false positive
+        of the starting mask removes that false positive from the target."""
         assert self._components is not None and self._selected is not None
         hit = gather_at_points(self._components, points).cpu()
         for b in range(points.shape[0]):
             for n in range(points.shape[1]):
                 if int(labels[b, n]) == 1 and int(hit[b, n]) > 0:
                     self._selected[b, int(hit[b, n])] = True
+                kept = self._kept_fp[b]
+                if int(labels[b, n]) == 0 and kept is not None and bool(kept[tuple(points[b, n].tolist())]):
+                    self._kept_fp[b] = None
 
     def _current_target(self) -> torch.Tensor:
         """Binary ``[B, 1, D, H, W]`` mask of the selected lesions."""
@@ -136,7 +143,11 @@ class ClickSimulator:
         selected = self._selected.clone()
         selected[:, 0] = False
         table = selected.to(self._components.device)
-        return torch.stack([table[b][self._components[b]] for b in range(table.shape[0])])[:, None].to(self.label.dtype)
+        target = torch.stack([table[b][self._components[b]] for b in range(table.shape[0])])
+        for b, kept in enumerate(self._kept_fp):
+            if kept is not None:
+                target[b] |= kept
+        return target[:, None].to(self.label.dtype)
 
     def target(self, iteration: int) -> torch.Tensor:
         """The training target after click ``iteration``: the whole label, or the clicked lesions (``"clicked"``)."""
@@ -156,7 +167,10 @@ class ClickSimulator:
         return low_res
 
     def _initial_masks(self, low_res: torch.Tensor, chosen: np.ndarray) -> torch.Tensor:
-        """Low-res logits of damaged ground truth: each lesion kept with probability 1/2, then dilated or eroded."""
+        """Low-res logits of damaged ground truth: each lesion kept with probability 1/2, then dilated or eroded, and
+        half of the time a false positive (a lesion's copy moved elsewhere). With ``target="clicked"`` that false positive
+        stays in the target until a negative click is placed in it: the user's mask is kept unless a click says
+        otherwise, so only obeying the negative click lowers the loss."""
         masks = torch.zeros_like(self.label)
         for b in np.flatnonzero(chosen):
             components = ndimage.label(self.label[b, 0].detach().cpu().numpy() > 0)[0]
@@ -167,6 +181,11 @@ class ClickSimulator:
                 mask = ndimage.binary_dilation(mask, iterations=steps)
             elif steps < 0:
                 mask = ndimage.binary_erosion(mask, iterations=-steps)
+            if self.rng.rand() < 0.5:
+                false_positive = self._displaced_lesion(components)
+                mask |= false_positive
+                if false_positive.any():
+                    self._kept_fp[b] = torch.as_tensor(false_positive, device=self.label.device)
             masks[b, 0] = torch.as_tensor(mask, device=masks.device, dtype=masks.dtype)
             if self._selected is not None:  # lesions already in the starting mask belong to the target
                 present = np.unique(components[mask & (components > 0)])
@@ -176,6 +195,19 @@ class ClickSimulator:
         fed = (2.0 * low - 1.0) * scale.view(-1, 1, 1, 1, 1)
         chosen_t = torch.as_tensor(chosen, device=low.device).view(-1, 1, 1, 1, 1)
         return torch.where(chosen_t, fed, low_res)
+
+    def _displaced_lesion(self, components: np.ndarray) -> np.ndarray:
+        """A false positive for a starting mask: a copy of one lesion moved off every lesion (empty if none fits)."""
+        count = int(components.max())
+        if count == 0:
+            return np.zeros(components.shape, dtype=bool)
+        lesion = components == int(self.rng.randint(1, count + 1))
+        for _ in range(8):
+            shift = [int(self.rng.randint(-s // 2, s // 2 + 1)) for s in components.shape]
+            moved = ndimage.shift(lesion, shift, order=0, mode="constant", cval=False)
+            if moved.any() and not (ndimage.binary_dilation(moved, iterations=2) & (components > 0)).any():
+                return moved
+        return np.zeros(components.shape, dtype=bool)
 
     def history(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All clicks so far: ``[B, K, 3]`` points and ``[B, K]`` labels (-1 marks a padding click)."""
