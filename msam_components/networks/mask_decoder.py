@@ -65,33 +65,48 @@ class MaskDecoder3D(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         multimask_output: bool = False,
+        sparse_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(masks, iou_pred)``: mask 0 only (``[B,1,...]``, ``[B,1]``) or masks 1..3 when ``multimask_output``."""
+        """``(masks, iou_pred)``: mask 0 only (``[B,1,...]``, ``[B,1]``) or masks 1..3 when ``multimask_output``.
+
+        ``sparse_bias`` ``[B, N]`` (0 or ``-inf`` per prompt token) leaves ``-inf`` tokens out of the attention.
+        """
         sel = slice(1, None) if multimask_output else slice(0, 1)
         if self.attention_impl == "fast":
-            hs, src = self._transform(image_tokens, image_pe, sparse_prompt_embeddings)
+            hs, src = self._transform(image_tokens, image_pe, sparse_prompt_embeddings, sparse_bias)
             # every hypernetwork runs (cheap, one token each) so unused ones get zero gradients as in the reference
             hyper_in = torch.stack([mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], 1)
             masks = self._fused_upscale_masks(src, hyper_in[:, sel], image_tokens.shape[2:])
             return masks, self.iou_prediction_head(hs[:, 0, :])[:, sel]
-        masks, iou_pred = self.predict_masks(image_tokens, image_pe, sparse_prompt_embeddings)
+        masks, iou_pred = self.predict_masks(image_tokens, image_pe, sparse_prompt_embeddings, sparse_bias)
         return masks[:, sel], iou_pred[:, sel]
 
     def _transform(
-        self, image_tokens: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor
+        self,
+        image_tokens: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        sparse_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The two-way transformer over ``[iou, mask tokens..., prompts]``: output tokens and image tokens."""
         b = image_tokens.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)
-        return self.transformer(image_tokens, image_pe, tokens)
+        token_bias = None
+        if sparse_bias is not None:  # the output tokens always take part
+            token_bias = torch.cat([sparse_bias.new_zeros(b, output_tokens.shape[0]), sparse_bias], dim=1)
+        return self.transformer(image_tokens, image_pe, tokens, token_bias)
 
     def predict_masks(
-        self, image_tokens: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor
+        self,
+        image_tokens: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        sparse_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` masks ``[B, T, 32, 32, 32]`` and IoU predictions ``[B, T]`` (the plain layers)."""
         b = image_tokens.shape[0]
-        hs, src = self._transform(image_tokens, image_pe, sparse_prompt_embeddings)
+        hs, src = self._transform(image_tokens, image_pe, sparse_prompt_embeddings, sparse_bias)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         grid = image_tokens.shape[2:]

@@ -190,11 +190,15 @@ class MSAM(nn.Module):
         low_res_mask: torch.Tensor | None = None,
         multimask_output: bool = False,
         return_iou: bool = False,
+        valid_points: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Low-res logits ``[B, 1, 32, 32, 32]`` for clicks ``points`` ``[B, N, 3]`` (voxel ``(d, h, w)`` in the 128^3 input).
 
         ``point_labels`` ``[B, N]``: 1 positive, 0 negative, -1 padding. ``low_res_mask`` is the previous iteration's raw
         logits (``None`` means no mask prompt). ``embedding`` is :meth:`encode`'s output or :meth:`prepare_embedding`'s.
+        A label -1 point is SAM's "not a point" token and still takes part in the decoder's attention; ``valid_points``
+        ``[B, N]`` bool leaves the False points out of it entirely, so a prompt padded to a fixed number of clicks (for
+        static shapes, e.g. CUDA graphs) gives the same logits as the unpadded one.
         """
         state = embedding if isinstance(embedding, dict) else {"embedding": embedding}
         image_embedding = state["embedding"]
@@ -205,6 +209,9 @@ class MSAM(nn.Module):
             if point_labels is None or tuple(point_labels.shape) != tuple(points.shape[:2]):
                 got = None if point_labels is None else list(point_labels.shape)
                 raise ValueError(f"point_labels must be [B, N] = {list(points.shape[:2])}, got {got}")
+        if valid_points is not None and (points is None or tuple(valid_points.shape) != tuple(points.shape[:2])):
+            want = None if points is None else list(points.shape[:2])
+            raise ValueError(f"valid_points must be [B, N] = {want} with points, got {list(valid_points.shape)}")
         # the fast MEA path reads the dense embedding in factored form (16 channels instead of 384)
         factored = self.mea is not None and self.attention_impl == "fast"
         sparse, dense = self.prompt_encoder(points, point_labels, low_res_mask, batch, factored=factored)
@@ -214,7 +221,12 @@ class MSAM(nn.Module):
             image_tokens = self.mea(image_embedding, dense, prepared=prepared, mask_kernel=kernel)
         else:
             image_tokens = image_embedding + dense
-        masks, iou = self.mask_decoder(image_tokens, self.prompt_encoder.get_dense_pe(), sparse, multimask_output)
+        bias = None
+        if valid_points is not None:  # 0 for clicks that count, -inf for padding; the appended SAM token counts
+            bias = sparse.new_zeros(valid_points.shape).masked_fill(~valid_points, float("-inf"))
+            bias = torch.cat([bias, sparse.new_zeros(batch, 1)], dim=1)
+        dense_pe = self.prompt_encoder.get_dense_pe()
+        masks, iou = self.mask_decoder(image_tokens, dense_pe, sparse, multimask_output, sparse_bias=bias)
         return (masks, iou) if return_iou else masks
 
     def upsample(self, low_res_logits: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,9 @@ class PromptEncoder3D(nn.Module):
         self.embed_dim = embed_dim
         self.image_embedding_size = tuple(image_embedding_size)
         self.input_image_size = tuple(input_image_size)
+        # a buffer, not a tensor built per call: the forward makes no tensor from host data (CUDA-graph capture);
+        # non-persistent, so state dicts and checkpoints are unchanged
+        self.register_buffer("input_scale", torch.tensor(self.input_image_size, dtype=torch.float32), persistent=False)
         self.pe_layer = RandomFourierPE3D(embed_dim // 3)
         # index 0: negative click, index 1: positive click (SAM's box-corner embeddings do not exist here)
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(2))
@@ -109,8 +112,7 @@ class PromptEncoder3D(nn.Module):
         if pad:
             coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 1, 3)], dim=1)
             labels = torch.cat([labels, labels.new_full((labels.shape[0], 1), -1)], dim=1)
-        scale = coords.new_tensor(self.input_image_size)
-        emb = self.pe_layer.encode(coords / scale)
+        emb = self.pe_layer.encode(coords / self.input_scale.to(dtype))
         is_pad, is_neg, is_pos = (labels == -1)[..., None], (labels == 0)[..., None], (labels == 1)[..., None]
         emb = torch.where(is_pad, torch.zeros_like(emb), emb)
         emb = emb + is_pad * self.not_a_point_embed.weight

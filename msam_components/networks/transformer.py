@@ -26,9 +26,15 @@ class TokenAttention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention of ``q`` ``[B, Nq, C]`` to ``k``/``v`` ``[B, Nk, C]``; ``key_bias`` ``[B, Nk]`` is added to the logits
+        (``-inf`` leaves a key out, so padding tokens change nothing)."""
         q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
         attn = (q @ k.transpose(-2, -1)) / (q.shape[-1] ** 0.5)
+        if key_bias is not None:
+            attn = attn + key_bias[:, None, None, :].to(attn.dtype)
         out = attn.softmax(dim=-1) @ v
         b, h, n, c = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * c))
@@ -58,19 +64,25 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        query_pe: torch.Tensor,
+        key_pe: torch.Tensor,
+        token_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Updated (tokens, image tokens); ``token_bias`` ``[B, N_tokens]`` masks tokens out wherever they are keys."""
         if self.skip_first_layer_pe:
-            queries = self.self_attn(queries, queries, queries)  # no residual in the first layer (SAM)
+            queries = self.self_attn(queries, queries, queries, token_bias)  # no residual in the first layer (SAM)
         else:
             q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
+            queries = queries + self.self_attn(q, q, queries, token_bias)
         queries = self.norm1(queries)
         q, k = queries + query_pe, keys + key_pe
         queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
         queries = self.norm3(queries + self.mlp(queries))
         q, k = queries + query_pe, keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries, token_bias))
         return queries, keys
 
 
@@ -102,14 +114,21 @@ class TwoWayTransformer3D(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim, eps=norm_eps)
 
     def forward(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        point_embedding: torch.Tensor,
+        token_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``image_embedding``/``image_pe`` ``[B, C, D, H, W]``, tokens ``[B, N, C]`` -> (tokens, image tokens ``[B, DHW, C]``)."""
+        """``image_embedding``/``image_pe`` ``[B, C, D, H, W]``, tokens ``[B, N, C]`` -> (tokens, image tokens ``[B, DHW, C]``).
+
+        ``token_bias`` ``[B, N]`` (0 or ``-inf``) leaves tokens out of every attention where they are keys.
+        """
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
         for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
+            queries, keys = layer(queries, keys, point_embedding, key_pe, token_bias)
         q, k = queries + point_embedding, keys + key_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
         return queries, keys
