@@ -13,6 +13,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from ..networks.msam import MSAM
+from .cuda_graphs import DEFAULT_CLICK_BUCKETS, CUDAGraphRunner
 
 ClickList = Sequence[Sequence[int]] | torch.Tensor | None
 CLICK_MODES = ("sequential", "cumulative", "together")
@@ -129,11 +130,18 @@ class ClickInferer(Inferer):
     that starts with the previous request's clicks resumes after them: the result is the same as replaying every click
     (tested), but an added click costs one decode instead of one per click so far. ``last_decode_steps`` says how
     many decoder runs the last call made. Returns full-resolution logits ``[B, 1, 128, 128, 128]``; without any click the
-    bare-image prediction is returned.
+    bare-image prediction is returned. With ``cuda_graphs`` (ignored on CPU) the encoder and the per-click decode of a
+    CUDA input without autograd replay CUDA graphs (``cuda_graphs.py``; clicks padded up to the next of
+    ``click_buckets``), which removes the kernel-launch overhead that dominates a click on a GPU.
     """
 
     def __init__(
-        self, mode: str = "sequential", cache: EmbeddingCache | None = None, reuse_clicks: bool = True
+        self,
+        mode: str = "sequential",
+        cache: EmbeddingCache | None = None,
+        reuse_clicks: bool = True,
+        cuda_graphs: bool = True,
+        click_buckets: Sequence[int] = DEFAULT_CLICK_BUCKETS,
     ) -> None:
         super().__init__()
         if mode not in CLICK_MODES:
@@ -141,14 +149,29 @@ class ClickInferer(Inferer):
         self.mode = mode
         self.cache = cache if cache is not None else EmbeddingCache()
         self.reuse_clicks = reuse_clicks
+        self.cuda_graphs = cuda_graphs
+        self.click_buckets = tuple(click_buckets)
+        self.graphs: CUDAGraphRunner | None = None
         self.last_decode_steps = 0
+
+    def graph_runner(self, network: MSAM, inputs: torch.Tensor) -> CUDAGraphRunner | None:
+        """The CUDA-graph runner for ``network`` when ``cuda_graphs`` is on and ``inputs`` is on CUDA, else None."""
+        if not (self.cuda_graphs and inputs.is_cuda):
+            return None
+        if self.graphs is None or self.graphs.network is not network:
+            self.graphs = CUDAGraphRunner(network, self.click_buckets)
+        return self.graphs
 
     def embedding_state(self, inputs: torch.Tensor, network: MSAM, cache_key: str | None = None) -> dict:
         """Cached ``prepare_embedding(encode(inputs))`` for this image."""
         key = cache_key or EmbeddingCache.key_for(inputs)
         state = self.cache.get(key)
         if state is None:
-            state = network.prepare_embedding(network.encode(inputs))
+            runner = self.graph_runner(network, inputs)
+            if runner is not None:
+                state = runner.encode(inputs)
+            else:
+                state = network.prepare_embedding(network.encode(inputs))
             self.cache.put(key, state)
         return state
 
@@ -187,8 +210,10 @@ class ClickInferer(Inferer):
         if points.shape[1] == 0:
             return network.upsample(network.decode(state, None, None, None))
         low_res = inputs.new_zeros(batch, 1, *network.low_res_size)
+        runner = self.graph_runner(network, inputs)
+        decode = network.decode if runner is None else runner.decode
         if self.mode == "together":
-            return network.upsample(network.decode(state, points, labels, low_res))
+            return network.upsample(decode(state, points, labels, low_res))
         reuse = self.reuse_clicks and not torch.is_grad_enabled()
         history = self.cache.history(key) if reuse else None
         done = history.common_prefix(points, labels) if history is not None else 0
@@ -197,7 +222,7 @@ class ClickInferer(Inferer):
             low_res = steps[-1]
         for i in range(done, points.shape[1]):
             first = 0 if self.mode == "cumulative" else i
-            low_res = network.decode(state, points[:, first : i + 1], labels[:, first : i + 1], low_res)
+            low_res = decode(state, points[:, first : i + 1], labels[:, first : i + 1], low_res)
             steps.append(low_res)
         self.last_decode_steps = points.shape[1] - done
         if reuse:
