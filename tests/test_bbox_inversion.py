@@ -271,3 +271,28 @@ def test_app_task_box_mask_equals_full_inversion_and_keeps_its_cache(tmp_path: P
     fast, reference, moved = (torch.as_tensor(m > 0) for m in masks)
     assert int(reference.sum()) > 0 and _dice(fast, reference) >= 0.999
     assert not torch.equal(fast, moved)  # the third click really ran on the (unchanged) cached image
+
+
+@pytest.mark.parametrize(
+    "image", ["sts_ct/STS_001/CT_image.nii.gz", "brats_sample/BraTS2015_pat0001/BraTS2015_pat0001_flair.nii.gz"]
+)
+def test_bbox_inversion_on_real_scans(data_dir: Path, image: str) -> None:
+    """Real headers (a CT and an MR): the bundle's fast path gives the reference's mask in the scan's geometry."""
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles/msam_kits19/configs/inference.yaml")])
+    pre = parser.get_parsed_content("preprocessing")
+    source = nib.load(str(data_dir / image))
+    click = [s // 2 for s in source.shape[:3]]
+    data = pre({"image": str(data_dir / image), "foreground": [click], "background": []})
+    window = data["image"].shape[1:]
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in window], indexing="ij"))
+    centre = data["foreground"][0].to(torch.float32).reshape(3, 1, 1, 1)
+    logits = 3.0 - ((grid - centre) ** 2).sum(0).sqrt() / 4  # a ball of about 10 voxels' radius around the click
+    data["pred"] = MetaTensor(
+        logits[None], meta=data["image"].meta, applied_operations=data["image"].applied_operations
+    )
+    reference, fast = _both(data, pre)
+    assert fast.shape[1:] == reference.shape[1:] == source.shape[:3]
+    np.testing.assert_allclose(fast.affine.numpy(), source.affine, atol=1e-4)
+    assert int((reference >= 0.5).sum()) > 0
+    assert _dice(fast.as_tensor() >= 0.5, reference.as_tensor() >= 0.5) >= 0.999
