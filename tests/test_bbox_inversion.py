@@ -81,18 +81,23 @@ def _pipeline(pixdim: float = 1.5) -> Compose:
     )
 
 
+def _ball_logits(shape: tuple[int, ...], centre: torch.Tensor, peak: float, slope: float) -> torch.Tensor:
+    """``[1, *shape]`` logits falling off linearly (``slope`` per voxel) from ``peak`` at ``centre``: a ball above 0.5."""
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij"))
+    return (peak - ((grid - centre.to(torch.float32).reshape(3, 1, 1, 1)) ** 2).sum(0).sqrt() * slope)[None]
+
+
+def _with_pred(data: dict, logits: torch.Tensor) -> dict:
+    """Attach window logits as "pred", carrying the image's metadata and trace as ClickInferer's output does."""
+    data["pred"] = MetaTensor(logits, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
+    return data
+
+
 def _predicted(path: str, click: list[int], pipeline: Compose) -> dict:
     """Preprocess and attach a window 'prediction': logits of a blob around the click plus noise."""
     data = pipeline({"image": path, "foreground": [click], "background": []})
-    grid = torch.stack(torch.meshgrid(*[torch.arange(WINDOW, dtype=torch.float32)] * 3, indexing="ij"))
-    centre = data["foreground"][0].to(torch.float32).reshape(3, 1, 1, 1)
-    blob = (
-        4.0
-        - ((grid - centre) ** 2).sum(0).sqrt() / 2
-        + 0.5 * torch.randn((WINDOW,) * 3, generator=torch.Generator().manual_seed(1))
-    )
-    data["pred"] = MetaTensor(blob[None], meta=data["image"].meta, applied_operations=data["image"].applied_operations)
-    return data
+    noise = 0.5 * torch.randn((1, *(WINDOW,) * 3), generator=torch.Generator().manual_seed(1))
+    return _with_pred(data, _ball_logits((WINDOW,) * 3, data["foreground"][0], 4.0, 0.5) + noise)
 
 
 def _dice(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -201,11 +206,7 @@ def test_bundle_inference_config_takes_the_fast_path(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(hu, affine), str(path))
     data = pre({"image": str(path), "foreground": [[100, 90, 25]], "background": []})
     assert window_geometry(data["image"]) is not None
-    data["pred"] = MetaTensor(
-        torch.randn(1, 128, 128, 128, generator=torch.Generator().manual_seed(0)) + 0.5,
-        meta=data["image"].meta,
-        applied_operations=data["image"].applied_operations,
-    )
+    _with_pred(data, torch.randn(1, 128, 128, 128, generator=torch.Generator().manual_seed(0)) + 0.5)
     reference = PasteWindowd("pred", pre, full_inversion=True)(dict(data))["pred"]
     fast = paste(dict(data))["pred"]
     assert fast.shape == reference.shape == (1, *hu.shape)
@@ -230,11 +231,8 @@ class _BlobInferer:
         self.last_decode_steps = 1
 
     def __call__(self, image: MetaTensor, network: object, fg: torch.Tensor, bg: torch.Tensor) -> MetaTensor:
-        grid = torch.stack(
-            torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in image.shape[2:]], indexing="ij")
-        )
-        logits = 3.0 - ((grid - fg[0, 0].to(torch.float32).reshape(3, 1, 1, 1)) ** 2).sum(0).sqrt() / 2
-        return MetaTensor(logits[None, None], meta=image.meta, applied_operations=image.applied_operations)
+        logits = _ball_logits(tuple(image.shape[2:]), fg[0, 0], 3.0, 0.5)
+        return MetaTensor(logits[None], meta=image.meta, applied_operations=image.applied_operations)
 
 
 def test_app_task_box_mask_equals_full_inversion_and_keeps_its_cache(tmp_path: Path) -> None:
@@ -284,13 +282,7 @@ def test_bbox_inversion_on_real_scans(data_dir: Path, image: str) -> None:
     source = nib.load(str(data_dir / image))
     click = [s // 2 for s in source.shape[:3]]
     data = pre({"image": str(data_dir / image), "foreground": [click], "background": []})
-    window = data["image"].shape[1:]
-    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in window], indexing="ij"))
-    centre = data["foreground"][0].to(torch.float32).reshape(3, 1, 1, 1)
-    logits = 3.0 - ((grid - centre) ** 2).sum(0).sqrt() / 4  # a ball of about 10 voxels' radius around the click
-    data["pred"] = MetaTensor(
-        logits[None], meta=data["image"].meta, applied_operations=data["image"].applied_operations
-    )
+    _with_pred(data, _ball_logits(tuple(data["image"].shape[1:]), data["foreground"][0], 3.0, 0.25))  # radius 10
     reference, fast = _both(data, pre)
     assert fast.shape[1:] == reference.shape[1:] == source.shape[:3]
     np.testing.assert_allclose(fast.affine.numpy(), source.affine, atol=1e-4)
