@@ -141,3 +141,23 @@ def test_click_inferer_uses_graphs_on_cuda(model: MSAM) -> None:
         eager = ClickInferer(cache=EmbeddingCache(), cuda_graphs=False)(image.cuda(), net, fg, bg)
     assert graphed.graphs is not None and graphed.graphs.last_path == "graph"
     torch.testing.assert_close(result, eager, rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+def test_graph_captured_under_autocast_survives_the_autocast_region(model: MSAM) -> None:
+    """bf16 capture in one autocast region, replay in a later one: the graph casts its weights itself."""
+    net = MSAM(**KWARGS).cuda().eval()
+    net.load_state_dict(model.state_dict())
+    runner = CUDAGraphRunner(net)
+    image, points, labels = (t.cuda() for t in _case())
+    low = torch.zeros(1, 1, *net.low_res_size, device="cuda")
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            net.decode(net.prepare_embedding(net.encode(image)), points, labels, low)  # fills the autocast cache
+            runner.decode(runner.encode(image), points, labels, low)
+        torch.randn(1 << 24, device="cuda").mul_(7.0)  # reuse freed memory
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            graphed = runner.decode(runner.encode(image), points, labels, low)
+            assert runner.last_path == "graph"
+            eager = net.decode(net.prepare_embedding(net.encode(image)), points, labels, low)
+    torch.testing.assert_close(graphed.float(), eager.float(), rtol=0.05, atol=0.05)

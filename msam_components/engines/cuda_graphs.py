@@ -58,6 +58,20 @@ def _clone(outputs: Outputs) -> Outputs:
     return {k: v.clone() for k, v in outputs.items()}
 
 
+def _without_autocast_cache(device_type: str) -> torch.autocast:
+    """The current autocast state with its cache of cast weights off.
+
+    A graph must cast the weights itself: a cast taken from the cache would be read from memory outside the graph's
+    pool, which is freed when the caller's autocast region ends.
+    """
+    return torch.autocast(
+        device_type,
+        dtype=torch.get_autocast_dtype(device_type),
+        enabled=torch.is_autocast_enabled(device_type),
+        cache_enabled=False,
+    )
+
+
 class StaticCall:
     """One captured call: static input buffers, the CUDA graph that reads them and the outputs it writes.
 
@@ -76,12 +90,12 @@ class StaticCall:
         device = next(iter(self.inputs.values())).device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the default stream: lazy inits, cuBLAS workspaces, autotuning
+        with torch.cuda.stream(side), _without_autocast_cache(device.type):  # warm-up off the default stream
             for _ in range(warmup):
                 fn(**self.inputs)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph), _without_autocast_cache(device.type):
             self.outputs = fn(**self.inputs)
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> Outputs:
