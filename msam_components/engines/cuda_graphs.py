@@ -95,7 +95,8 @@ class StaticCall:
                 fn(**self.inputs)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), _without_autocast_cache(device.type):
+        # thread_local: other threads (a server's request threads) may keep using CUDA while this one captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), _without_autocast_cache(device.type):
             self.outputs = fn(**self.inputs)
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> Outputs:
