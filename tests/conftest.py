@@ -111,3 +111,23 @@ def make_blob_cases(num_cases: int, size: int = 64, seed: int = 0) -> list[dict]
         meta = {"filename_or_obj": f"/synthetic/case_{i:05d}.nii.gz"}
         cases.append({"image": MetaTensor(image, meta=dict(meta)), "label": MetaTensor(label, meta=dict(meta))})
     return cases
+
+
+def exception_messages(err: BaseException) -> str:
+    """The whole exception chain as text (MONAI wraps transform errors in RuntimeErrors)."""
+    parts, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        parts.append(f"{type(err).__name__}: {err}")
+        err = err.__cause__ or err.__context__
+    return "\n".join(parts)
+
+
+def write_nifti(path: Path, data, affine=None) -> Path:
+    """Save an array as NIfTI (identity affine by default), creating the folder."""
+    import nibabel as nib
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+    return path

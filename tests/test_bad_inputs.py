@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import make_blob_cases, small_msam_kwargs
+from conftest import exception_messages, make_blob_cases, small_msam_kwargs, write_nifti
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -21,20 +21,7 @@ SMALL = REPO / "tests" / "configs" / "small_bundle.yaml"
 KITS = REPO / "bundles" / "msam_kits19" / "configs"
 
 
-def _messages(err: BaseException) -> str:
-    """The whole exception chain as text (MONAI wraps transform errors in RuntimeErrors)."""
-    parts, seen = [], set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        parts.append(f"{type(err).__name__}: {err}")
-        err = err.__cause__ or err.__context__
-    return "\n".join(parts)
-
-
-def _nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
-    return path
+_messages, _nifti = exception_messages, write_nifti
 
 
 def _train_preprocessing():

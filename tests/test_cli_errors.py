@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import exception_messages, write_nifti
 from ignite.engine import Engine
 from monai.bundle import ConfigParser, ConfigWorkflow
 
@@ -34,20 +35,7 @@ BUNDLES = [KITS, REPO / "bundles" / "msam_brats21"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _messages(err: BaseException) -> str:
-    """The whole exception chain as text (MONAI wraps transform errors in RuntimeErrors)."""
-    parts, seen = [], set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        parts.append(f"{type(err).__name__}: {err}")
-        err = err.__cause__ or err.__context__
-    return "\n".join(parts)
-
-
-def _nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
-    return path
+_messages, _nifti = exception_messages, write_nifti
 
 
 def _parser(*configs: str, **overrides: object) -> ConfigParser:

@@ -196,3 +196,31 @@ def test_point_loss_and_click_weighting_change_the_loss() -> None:
     assert torch.allclose(linear, 2 / 3 * per_click[0] + 4 / 3 * per_click[1])
     # both clicks are positive and their voxels predicted background: the point loss is softplus(3.5) per click
     assert torch.allclose(with_points - plain, torch.tensor(2 * math.log1p(math.exp(3.5))), atol=1e-5)
+
+
+def test_click_stamp_writes_clicks_into_the_mask_prompt() -> None:
+    from msam_components.networks.click_prompt import stamp_clicks
+
+    prompt = torch.full((1, 1, 16, 16, 16), -3.0)
+    points = torch.tensor([[[34, 34, 34], [0, 0, 0], [6, 6, 6]]])  # low-res voxel 8's centre is input voxel 33.5
+    out = stamp_clicks(prompt, points, torch.tensor([[1, -1, 0]]), 64, 8.0, 1.0)
+    g = math.exp(-3 * (0.5 / 4) ** 2 / 2)  # Gaussian weight 1/8 low-res voxel from the centre on each axis
+    assert torch.isclose(out[0, 0, 8, 8, 8], torch.tensor(8.0 * g - 3.0 * (1 - g)))  # mostly replaced by the stamp
+    assert out[0, 0, 1, 1, 1] < -7.0  # the negative click
+    assert torch.isclose(out[0, 0, 15, 0, 15], torch.tensor(-3.0), atol=1e-4)  # far from every click: unchanged
+    assert not torch.isnan(out).any()
+    ignored = stamp_clicks(prompt, points[:, :2], torch.tensor([[-1, -1]]), 64, 8.0, 1.0)
+    assert torch.equal(ignored, prompt)  # padding clicks write nothing
+    torch.manual_seed(0)
+    plain = MSAM(**small_msam_kwargs()).eval()
+    stamped = MSAM(**small_msam_kwargs(click_stamp=8.0)).eval()
+    stamped.load_state_dict(plain.state_dict())  # parameter-free: same checkpoint
+    image = torch.randn(1, 1, 64, 64, 64)
+    pts, lbl = torch.tensor([[[30, 30, 30]]]), torch.tensor([[0]])
+    with torch.no_grad():
+        a = plain.decode(plain.encode(image), pts, lbl, None)
+        b = stamped.decode(stamped.encode(image), pts, lbl, None)
+        c = plain.decode(plain.encode(image), pts, lbl, stamp_clicks(torch.zeros_like(a), pts, lbl, 64, 8.0, 1.0))
+    assert not torch.allclose(a, b) and torch.allclose(b, c, atol=1e-5)
+    with pytest.raises(ValueError, match="click_stamp"):
+        MSAM(**small_msam_kwargs(click_stamp=-1.0))

@@ -97,23 +97,14 @@ def build_router() -> APIRouter:
             return {"image": app.datastore().add_image(image_id, path, info)}
 
     @router.put("/datastore/image", summary="Upload a new image (M-SAM: checked)")
+    @router.put("/datastore/", include_in_schema=False)  # MONAI Label's deprecated alias of /datastore/image
     def put_image(
         image: Optional[str] = None,
         params: str = Form("{}"),
         file: UploadFile = File(...),
         user: User = annotator_role,
     ) -> dict[str, Any]:
-        """Checked ``PUT /datastore/image``."""
-        return add_image(image, params, file, user)
-
-    @router.put("/datastore/", include_in_schema=False)
-    def put_image_deprecated(
-        image: Optional[str] = None,
-        params: str = Form("{}"),
-        file: UploadFile = File(...),
-        user: User = annotator_role,
-    ) -> dict[str, Any]:
-        """Checked ``PUT /datastore/`` (MONAI Label's deprecated alias of ``/datastore/image``)."""
+        """Checked ``PUT /datastore/image`` (and its deprecated alias ``PUT /datastore/``)."""
         return add_image(image, params, file, user)
 
     @router.put("/datastore/label", summary="Save a finished label (M-SAM: checked)")

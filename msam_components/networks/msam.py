@@ -10,6 +10,7 @@ from torch import nn
 
 from ..checks import check_type
 from .image_encoder import ImageEncoderViT3D
+from .click_prompt import stamp_clicks
 from .interpolation import separable_trilinear
 from .lora import LoRAQKV
 from .mask_decoder import MaskDecoder3D
@@ -63,6 +64,9 @@ class MSAM(nn.Module):
     ``"reference"`` is the straightforward computation all of them are tested against. Neither changes parameters;
     :func:`set_attention_impl` switches a built model.
 
+    ``click_stamp > 0`` also writes each click into the low-res mask prompt (``click_prompt.py``; parameter-free, off
+    in the upstream model), so a model trained from scratch cannot ignore clicks in favour of its fed-back mask.
+
     Contract: :meth:`encode` runs once per image, :meth:`decode` once per click, :meth:`forward` does both.
     """
 
@@ -94,16 +98,23 @@ class MSAM(nn.Module):
         encoder_trainable: str = "lora",
         rel_pos_layout: str = "sam-med3d",
         attention_impl: str = "fast",
+        click_stamp: float = 0.0,
+        click_stamp_sigma: float = 1.0,
     ) -> None:
         super().__init__()
         for name, value in list(locals().items()):
             if name in _INT_ARGS:
                 check_type(name, value, int)
-            elif name in ("encoder_mlp_ratio", "mea_mlp_ratio"):
+            elif name in ("encoder_mlp_ratio", "mea_mlp_ratio", "click_stamp", "click_stamp_sigma"):
                 check_type(name, value, (int, float))
             elif name == "use_mea":
                 check_type(name, value, bool)
         self.attention_impl = check_attention_impl(attention_impl)
+        if click_stamp < 0 or click_stamp_sigma <= 0:
+            raise ValueError(
+                f"click_stamp must be >= 0 and click_stamp_sigma > 0, got {click_stamp}, {click_stamp_sigma}"
+            )
+        self.click_stamp, self.click_stamp_sigma = float(click_stamp), float(click_stamp_sigma)
         grid = image_size // patch_size
         self.image_size = image_size
         self.embedding_size = (grid, grid, grid)
@@ -212,6 +223,11 @@ class MSAM(nn.Module):
         if valid_points is not None and (points is None or tuple(valid_points.shape) != tuple(points.shape[:2])):
             want = None if points is None else list(points.shape[:2])
             raise ValueError(f"valid_points must be [B, N] = {want} with points, got {list(valid_points.shape)}")
+        if self.click_stamp > 0 and points is not None:
+            base = low_res_mask if low_res_mask is not None else image_embedding.new_zeros(batch, 1, *self.low_res_size)
+            low_res_mask = stamp_clicks(
+                base, points, point_labels, self.image_size, self.click_stamp, self.click_stamp_sigma
+            )
         # the fast MEA path reads the dense embedding in factored form (16 channels instead of 384)
         factored = self.mea is not None and self.attention_impl == "fast"
         sparse, dense = self.prompt_encoder(points, point_labels, low_res_mask, batch, factored=factored)
