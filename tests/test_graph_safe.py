@@ -22,8 +22,9 @@ from msam_components.networks.rel_pos_attention import set_attention_impl
 FORBIDDEN = ("aten.lift_fresh", "aten._local_scalar_dense", "aten.nonzero")
 # 8^3 tokens in 8^3 windows (no padding), as the engine tests' model but a 32^3 input
 SMALL_KWARGS = small_msam_kwargs(image_size=32, patch_size=4)
-# 16^3 input, 4^3 tokens padded to one 6^3 window: the fast encoder takes the closed-form padded-window path
-PADDED_WINDOW_KWARGS = small_msam_kwargs(image_size=16, patch_size=4, encoder_window_size=6)
+# 16^3 input, 4^3 tokens padded to one 6^3 window: the fast encoder takes the closed-form padded-window path; with
+# clicks stamped into the mask prompt (the bundles' default)
+PADDED_WINDOW_KWARGS = small_msam_kwargs(image_size=16, patch_size=4, encoder_window_size=6, click_stamp=8.0)
 
 
 class OpRecorder(TorchDispatchMode):
@@ -149,3 +150,17 @@ def test_input_scale_buffer_is_not_in_the_state_dict() -> None:
     net = MSAM(**SMALL_KWARGS)
     assert "prompt_encoder.input_scale" in dict(net.named_buffers())
     assert not any(key.endswith("input_scale") for key in net.state_dict())
+
+
+def test_upsampling_reuses_its_interpolation_matrices() -> None:
+    """After the first call the fast upsampling builds nothing on the host (no per-click host-to-device copy)."""
+    net = MSAM(**SMALL_KWARGS)
+    logits = torch.randn(1, 1, *net.low_res_size)
+    with torch.inference_mode():
+        first = net.upsample(logits)
+    recorder = OpRecorder()
+    with recorder:
+        again = net.upsample(logits.requires_grad_())
+    again.sum().backward()  # matrices first built under inference_mode still work with autograd
+    assert torch.equal(first, again.detach())
+    assert not {"aten.index_put_", "aten.arange", "aten.zeros"} & set(recorder.ops)

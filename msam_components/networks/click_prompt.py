@@ -34,14 +34,13 @@ def stamp_clicks(
         (torch.arange(n, device=device, dtype=torch.float32) + 0.5) * (image_size / n) - 0.5 for n in size
     ]  # low-res voxel centres in input voxel coordinates
     pts = points.to(torch.float32)
-    scale = torch.tensor([image_size / n for n in size], device=device, dtype=torch.float32)
     dist2 = sum(
         (
             (
                 c.view(*([1, 1] + [-1 if a == axis else 1 for a in range(3)]))
                 - pts[..., axis].view(*pts.shape[:2], 1, 1, 1)
             )
-            / scale[axis]
+            / (image_size / size[axis])  # a Python scalar: no tensor from host data (CUDA graphs)
         )
         ** 2
         for axis, c in enumerate(centres)

@@ -8,6 +8,8 @@ voxel (about 40 ms for one 32^3 to 128^3 map on 2 cores, against a few ms here).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 
@@ -30,6 +32,17 @@ def linear_interpolation_matrix(
     return weights.to(dtype=dtype, device=device)
 
 
+@lru_cache(maxsize=64)
+def _cached_matrix(in_size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """:func:`linear_interpolation_matrix` built once per size, dtype and device.
+
+    Building it per call costs host work and a host-to-device copy, which waits for the GPU, on every click. Built as
+    a normal tensor even under ``inference_mode``, so a later training step can use it.
+    """
+    with torch.inference_mode(False):
+        return linear_interpolation_matrix(in_size, out_size, dtype, device)
+
+
 def separable_trilinear(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     """``F.interpolate(x, size, mode="trilinear", align_corners=False)`` for ``[B, C, D, H, W]`` via three matmuls.
 
@@ -38,7 +51,7 @@ def separable_trilinear(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Te
     b, c, d, h, w = x.shape
     out_d, out_h, out_w = size
     with torch.autocast(x.device.type, enabled=False):
-        mats = [linear_interpolation_matrix(n, m, x.dtype, x.device) for n, m in ((d, out_d), (h, out_h), (w, out_w))]
+        mats = [_cached_matrix(n, m, x.dtype, x.device) for n, m in ((d, out_d), (h, out_h), (w, out_w))]
         y = x.reshape(b * c * d * h, w) @ mats[2].t()  # W axis on the smallest tensor first
         y = mats[1] @ y.view(b * c * d, h, out_w)  # H axis
         y = mats[0] @ y.view(b * c, d, out_h * out_w)  # D axis
