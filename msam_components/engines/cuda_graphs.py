@@ -153,11 +153,11 @@ class CUDAGraphRunner:
         return self.network.prepare_embedding(self.network.encode(image))
 
     def decode(
-        self, state: State, points: torch.Tensor, labels: torch.Tensor, low_res: torch.Tensor | None
+        self, state: State | torch.Tensor, points: torch.Tensor, labels: torch.Tensor, low_res: torch.Tensor | None
     ) -> torch.Tensor:
         """``network.decode(state, points, labels, low_res)`` low-res logits, from a graph when the shapes fit."""
         bucket = click_bucket(points.shape[1], self.click_buckets)
-        if bucket is not None and self.applies(points):
+        if bucket is not None and isinstance(state, dict) and self.applies(points):
             padded, padded_labels, valid = pad_clicks(points, labels, bucket)
             inputs = {**state, "points": padded, "labels": padded_labels, "valid": valid}
             if low_res is not None:
