@@ -91,6 +91,9 @@ class DecodeStepForExport(nn.Module):
         self.prompt_encoder = model.prompt_encoder
         self.mea = model.mea
         self.mask_decoder = model.mask_decoder
+        # the prompt settings decode reads (clicks written into the mask prompt, sizes)
+        self.click_stamp, self.click_stamp_sigma = model.click_stamp, model.click_stamp_sigma
+        self.image_size, self.low_res_size = model.image_size, model.low_res_size
         self.names = state_names(model)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
