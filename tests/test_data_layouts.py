@@ -68,8 +68,10 @@ def test_kits19_round_trip(kits_dir: Path) -> None:
         tumour = np.isin(seg, default_target_labels("kits19"))
         assert tumour.sum() > 20
         assert image[0, 0, 0] < -900  # air outside the body
-        # The tumour must be clearly brighter than the kidney and the body for a small model to learn it.
-        assert image[seg == 2].mean() > image[seg == 1].mean() + 40
+        # contrast CT: the kidney enhances more than the tumour, which is denser than the soft tissue around it
+        assert image[seg == 1].mean() > image[seg == 2].mean() + 30
+        soft = (image > 0) & (image < 70) & (seg == 0)
+        assert image[seg == 2].mean() > np.median(image[soft]) + 20
         assert 70 < image[seg == 2].mean() < 130
         # The tumour touches the kidney (attached to or inside it).
         assert (ndimage.binary_dilation(tumour) & (seg == 1)).any()

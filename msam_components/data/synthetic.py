@@ -118,6 +118,18 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return components == int(np.argmax(np.bincount(components.reshape(-1))[1:])) + 1
 
 
+def _nested(inner: np.ndarray, outer: np.ndarray) -> np.ndarray:
+    """``inner`` clipped so that its 6-neighbourhood stays inside ``outer``; the deepest voxel of ``outer`` if empty."""
+    nested = inner & ndimage.binary_erosion(outer)
+    if nested.any() or not outer.any():
+        return nested
+    depth = ndimage.distance_transform_cdt(np.pad(outer, 1), metric="taxicab")[1:-1, 1:-1, 1:-1]
+    if depth.max() < 2:
+        return nested
+    nested[np.unravel_index(int(np.argmax(depth)), depth.shape)] = True
+    return nested
+
+
 def _place_blobs(
     rng: np.random.Generator,
     grid: list[np.ndarray],
@@ -287,6 +299,10 @@ def _brats_case(
         oedema = _largest_component(oedema & inside)
         if oedema.sum() < 8 or (ndimage.binary_dilation(oedema, iterations=2) & taken).any():
             continue
+        # keep the nesting on the voxel grid after clipping to the brain: necrosis wrapped in enhancing tumour, the
+        # tumour core wrapped in oedema
+        core = _nested(core, oedema)
+        necrosis = _nested(necrosis, core)
         seg[oedema] = 2
         seg[core & oedema] = 4
         seg[necrosis & oedema] = 1
