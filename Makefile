@@ -71,4 +71,4 @@ $(LABEL_LAUNCHER): $(LABEL_STAMP) Makefile
 label-venv: $(LABEL_STAMP) $(LABEL_LAUNCHER)
 
 test-label: $(LABEL_STAMP) $(LABEL_LAUNCHER)
-	$(LABEL_PY) -m pytest tests/test_monailabel_app.py $(PYTEST_ARGS)
+	$(LABEL_PY) -m pytest tests/test_monailabel_app.py tests/test_bbox_inversion.py $(PYTEST_ARGS)
