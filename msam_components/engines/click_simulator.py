@@ -86,7 +86,6 @@ class ClickSimulator:
         self.first_strategy = check_strategy("first_strategy", first_strategy) or self.strategy
         self.threshold, self.threshold_on = threshold, threshold_on
         self.pass_all_clicks = pass_all_clicks
-        self.target_mode = target
         self.initial_mask_prob, self.feedback_dropout = float(initial_mask_prob), float(feedback_dropout)
         self.points: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
@@ -173,7 +172,11 @@ class ClickSimulator:
         otherwise, so only obeying the negative click lowers the loss."""
         masks = torch.zeros_like(self.label)
         for b in np.flatnonzero(chosen):
-            components = ndimage.label(self.label[b, 0].detach().cpu().numpy() > 0)[0]
+            components = (  # the lesions' connected components, already labelled for target="clicked"
+                self._components[b].cpu().numpy()
+                if self._components is not None
+                else ndimage.label(self.label[b, 0].detach().cpu().numpy() > 0)[0]
+            )
             keep = [c for c in range(1, int(components.max()) + 1) if self.rng.rand() < 0.5]
             mask = np.isin(components, keep)
             steps = int(self.rng.randint(-2, 3))
