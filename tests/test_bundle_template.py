@@ -18,7 +18,7 @@ from monai.bundle import ConfigWorkflow, verify_metadata
 
 from msam_components.bundle_tools import PRESET_NAMES, generic_spec, preset_spec, render_bundle
 from msam_components.bundle_tools.new_bundle import main as new_bundle_main
-from msam_components.bundle_tools.template import TEMPLATE_DIR, render_files, render_json, render_text
+from msam_components.bundle_tools.template import RERENDER_COMMAND, TEMPLATE_DIR, render_files, render_json, render_text
 from msam_components.data import (
     imagestr_labelstr_datalist,
     make_imagestr_like,
@@ -99,7 +99,35 @@ def test_template_reproduces_hand_made_bundle(preset: str, generated: dict[str, 
             diff = "".join(
                 difflib.unified_diff(expected.splitlines(True), actual.splitlines(True), "bundle", "template")
             )
-            pytest.fail(f"{bundle.name}/{relative} drifted from bundle_template/:\n{diff[:3000]}")
+            pytest.fail(
+                f"{bundle.name}/{relative} drifted from bundle_template/ (bundle files are rendered: edit the template,"
+                f" then run `{RERENDER_COMMAND.replace('<preset>', preset)}`):\n{diff[:3000]}"
+            )
+
+
+def test_rendered_files_name_their_template(generated: dict[str, Path]) -> None:
+    """Every rendered config and README opens with a line naming its template and the re-render command."""
+    for relative, content in render_files(preset_spec("kits19")).items():
+        if relative.endswith((".yaml", ".conf", ".md")):
+            first = content.split("\n", 1)[0]
+            assert f"rendered from bundle_template/{relative}" in first and "--force" in first, (relative, first)
+        else:
+            assert "rendered from" not in content, relative  # JSON takes no comment; a licence stays verbatim
+
+
+def test_rerendering_keeps_the_bundles_own_performance_numbers(tmp_path: Path) -> None:
+    """--force replaces the template's text and keeps the body of the README's Performance section."""
+    bundle = render_bundle(preset_spec("lits"), tmp_path)
+    readme = bundle / "docs" / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    measured = "\n| Dice | 0.123 |\n"
+    readme.write_text(re.sub(r"(?s)(\n## Performance\n).*?(?=\n## )", lambda m: m.group(1) + measured, text))
+    (bundle / "configs" / "train.yaml").write_text("edited by hand\n")
+    render_bundle(preset_spec("lits"), tmp_path, force=True)
+    again = readme.read_text(encoding="utf-8")
+    assert "\n## Performance\n" + measured + "\n## " in again
+    assert _mask_performance(again) == _mask_performance(text)
+    assert (bundle / "configs" / "train.yaml").read_text().startswith("# rendered from bundle_template/configs/train")
 
 
 # --- model-zoo conformity of every bundle ---------------------------------------------------------------------------

@@ -5,6 +5,11 @@ indented like the placeholder, and an empty value removes the line. Elsewhere a 
 one-line value. JSON files are parsed, placeholders are replaced inside keys and strings (a list value replaces a
 string that is only that placeholder, spliced into its list), and the result is dumped with an indent of 4.
 Rendering fails on an unknown placeholder, and on a value that no template file uses, so template and spec stay in step.
+
+Every rendered config and the README start with a line naming their template (``rendered_header``), so a reader who
+opens a bundle file knows to edit the template instead. JSON has no comments and a licence is recognised by its exact
+text, so ``metadata.json`` and ``LICENSE`` carry none. Re-rendering an existing bundle (``force``) keeps the body of its
+README's ``## Performance`` section: those are the bundle's own measured numbers, not template text.
 """
 
 from __future__ import annotations
@@ -19,11 +24,22 @@ from typing import Any
 
 from .spec import BundleSpec, placeholder_values
 
-__all__ = ["TEMPLATE_DIR", "TEMPLATE_NOTES", "render_bundle", "render_files", "render_json", "render_text"]
+__all__ = [
+    "RERENDER_COMMAND",
+    "TEMPLATE_DIR",
+    "TEMPLATE_NOTES",
+    "render_bundle",
+    "render_files",
+    "render_json",
+    "render_text",
+    "rendered_header",
+]
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "bundle_template"
 TEMPLATE_NOTES = "TEMPLATE.md"  # documents the template itself; not part of a rendered bundle
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z][a-z0-9_]*)\s*\}\}")
+RERENDER_COMMAND = "python -m msam_components.bundle_tools.new_bundle --preset <preset> --output bundles/ --force"
+_PERFORMANCE = re.compile(r"(?s)(\n## Performance\n)(.*?)(?=\n## |\Z)")
 Values = dict[str, Any]
 
 
@@ -102,6 +118,25 @@ def _template_files(template: Path) -> list[Path]:
     return files
 
 
+def rendered_header(relative: str) -> str:
+    """The first line of a rendered file: where it comes from and how to change it ('' for files that take none)."""
+    text = f"rendered from bundle_template/{relative}; edit the template and re-render ({RERENDER_COMMAND})"
+    suffix = Path(relative).suffix
+    if suffix in (".yaml", ".yml", ".conf"):
+        return f"# {text}\n"
+    if suffix == ".md":
+        return f"<!-- {text} -->\n"
+    return ""
+
+
+def keep_performance(rendered: str, existing: str) -> str:
+    """The rendered README with the body of its ``## Performance`` section taken from the existing README."""
+    old = _PERFORMANCE.search(existing)
+    if old is None or _PERFORMANCE.search(rendered) is None:
+        return rendered
+    return _PERFORMANCE.sub(lambda m: m.group(1) + old.group(2), rendered, count=1)
+
+
 def render_files(spec: BundleSpec, template: Path | None = None) -> dict[str, str]:
     """Render every template file for a spec; returns {relative posix path: content}."""
     template = TEMPLATE_DIR if template is None else Path(template)
@@ -111,7 +146,8 @@ def render_files(spec: BundleSpec, template: Path | None = None) -> dict[str, st
     for relative in _template_files(template):
         text = (template / relative).read_text(encoding="utf-8")
         render = render_json if relative.suffix == ".json" else render_text
-        rendered[relative.as_posix()] = render(text, values, source=relative.as_posix(), used=used)
+        content = render(text, values, source=relative.as_posix(), used=used)
+        rendered[relative.as_posix()] = rendered_header(relative.as_posix()) + content
     unused = sorted(set(values) - used)
     if unused:
         raise ValueError(f"the template in {str(template)!r} uses none of these answers: {', '.join(unused)}")
@@ -141,7 +177,8 @@ def render_bundle(
 
     Everything is rendered and written into a hidden staging folder next to the target first. A new bundle is then
     renamed into place in one step; with ``force`` the template's files replace their namesakes in the existing folder
-    one by one (each an atomic rename) and every other file there (weights, a demo overlay) is kept.
+    one by one (each an atomic rename) and every other file there (weights, a demo overlay) is kept, as is the body of
+    the existing README's ``## Performance`` section.
     """
     output = Path(output_dir)
     target = output / spec.name
@@ -152,6 +189,9 @@ def render_bundle(
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{str(target)!r} exists and is not a folder")
     files = render_files(spec, template)
+    readme = target / "docs" / "README.md"
+    if "docs/README.md" in files and readme.is_file():
+        files["docs/README.md"] = keep_performance(files["docs/README.md"], readme.read_text(encoding="utf-8"))
     created_output = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.staging-", dir=output))
