@@ -73,3 +73,30 @@ def test_the_demo_overlay_only_sets_keys_it_names(bundle: str) -> None:
     demo = ConfigParser.load_config_file(str(REPO / "bundles" / bundle / "configs" / "demo.yaml"))
     assert "network_def" not in demo
     assert any(key.startswith("network_def#") for key in demo)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_multi_gpu_handlers_are_chosen_by_type_not_position(rank: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a handler added in front of each list, rank 0 keeps everything and other ranks drop only the loggers."""
+    import torch.distributed
+
+    import msam_components.engines.run_checks  # noqa: F401  (the expression below reaches it as an attribute)
+
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: rank)
+    parser = _parser("msam_kits19", ["train.yaml", "multi_gpu_train.yaml"], {})
+    parser["train#handlers"] = (
+        "$[ignite.handlers.TerminateOnNan(), msam_components.cli.FailureReport(), monai.handlers.StatsHandler(),"
+        " msam_components.engines.run_checks.RequireLesionCases()]"
+    )
+    parser["validate#handlers"] = (
+        "$[ignite.handlers.TerminateOnNan(), monai.handlers.StatsHandler(),"
+        " msam_components.engines.ClickMetricsHandler(output_dir='.'), msam_components.cli.FailureReport()]"
+    )
+    train = [type(h).__name__ for h in parser.get_parsed_content("train#trainer#train_handlers")]
+    val = [type(h).__name__ for h in parser.get_parsed_content("validate#evaluator#val_handlers")]
+    if rank == 0:
+        assert train == ["TerminateOnNan", "FailureReport", "StatsHandler", "RequireLesionCases"]
+        assert val == ["TerminateOnNan", "StatsHandler", "ClickMetricsHandler", "FailureReport"]
+    else:
+        assert train == ["TerminateOnNan", "FailureReport", "RequireLesionCases"]
+        assert val == ["ClickMetricsHandler", "FailureReport"]
