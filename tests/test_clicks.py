@@ -265,6 +265,35 @@ def test_transform_custom_keys_center_and_missing_keys():
         SimulateClickd()({"image": 1})
 
 
+def test_transform_draws_the_clicks_the_engines_simulator_draws():
+    """SimulateClickd is ClickSimulator on one sample: the same seed gives the same clicks, mixtures included."""
+    from msam_components.transforms import ClickSimulator
+
+    lesions = _sphere((8, 8, 8), 4) | _sphere((22, 22, 22), 5)
+    label = lesions.float()[None]
+    preds = [None, _logits(_sphere((8, 8, 8), 4)), _logits(_sphere((8, 8, 8), 3) | _box((slice(0, 4),) * 3))]
+    mixture = {"random": 1.0, "center": 1.0, "interior": 2.0}
+    t = SimulateClickd(strategy=mixture).set_random_state(7)
+    sim = ClickSimulator(label[None], np.random.RandomState(7), strategy=mixture)
+    d = {"label": label}
+    for k, pred in enumerate(preds):
+        d = t({**d, "pred": pred})
+        points, labels = sim(k, None if pred is None else pred[None])
+        assert d["click_point"].tolist() == points[0].tolist() and d["click_label"].tolist() == labels[0].tolist()
+
+
+def test_transform_clicked_target_follows_the_positive_clicks():
+    """With target="clicked" the target holds the lesions touched by a positive click so far, and nothing else."""
+    small, large = _sphere((8, 8, 8), 3), _sphere((22, 22, 22), 5)
+    t = SimulateClickd(strategy="center", target="clicked", target_key="target")
+    out = t({"label": (small | large).float()[None]})
+    assert _at(large, out["click_point"][0]) and torch.equal(out["target"][0] > 0, large)
+    out = t({**out, "pred": _logits(large)})
+    assert _at(small, out["click_point"][0]) and torch.equal(out["target"][0] > 0, small | large)
+    with pytest.raises(ValueError, match="target"):
+        SimulateClickd(target="lesions")
+
+
 # ---------------------------------------------------------------------------------------------------- validation
 
 

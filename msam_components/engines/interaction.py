@@ -22,7 +22,7 @@ from monai.transforms import Randomizable
 from monai.utils import CommonKeys as Keys
 
 from ..checks import check_type
-from .click_simulator import TARGETS, ClickSimulator, check_strategy, click_compliance, gather_at_points
+from ..transforms.click_simulator import TARGETS, ClickSimulator, check_strategy, click_compliance, gather_at_points
 
 logger = logging.getLogger("msam_components")
 

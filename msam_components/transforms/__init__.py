@@ -1,6 +1,7 @@
 """Data transforms for M-SAM: click simulation, lesion-/click-centred crops, click mapping, intensity normalisation."""
 
 from .click_sampling import PADDING_LABEL, Click, error_regions, sample_click, sample_clicks_batch
+from .click_simulator import ClickSimulator
 from .clicks import SimulateClickd
 from .intensity import NormalizeIntensityAboved
 from .paste import PasteWindowd, paste_window, window_geometry
@@ -18,6 +19,7 @@ from .validation import NamedNibabelReader, ValidateVolumesd, WarnEmptyMaskd, Wa
 __all__ = [
     "PADDING_LABEL",
     "Click",
+    "ClickSimulator",
     "CropOrPadAroundClicksd",
     "CropOrPadAroundLabeld",
     "CropPadBox",

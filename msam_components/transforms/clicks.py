@@ -1,4 +1,8 @@
-"""MONAI dictionary transform that simulates the next interactive click and keeps the click history."""
+"""MONAI dictionary transform that simulates the next interactive click and keeps the click history.
+
+It runs the same :class:`~msam_components.transforms.click_simulator.ClickSimulator` the training and evaluation
+engines use, on one sample, so a click drawn here is the click a trainer would draw (strategies, mixtures, targets).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import torch
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import convert_to_tensor
 
-from msam_components.transforms.click_sampling import STRATEGIES, Click, _check_threshold, sample_click
+from msam_components.transforms.click_sampling import _check_threshold, _spatial
+from msam_components.transforms.click_simulator import TARGETS, ClickSimulator, check_strategy
 
 __all__ = ["SimulateClickd"]
 
@@ -23,11 +28,15 @@ class SimulateClickd(Randomizable, MapTransform):
     * ``history_points_key`` / ``history_labels_key``: ``[N, 3]`` / ``[N]`` with this click appended (created when
       missing or None). Padding clicks are appended too, so ``N`` equals the number of calls.
 
+    * ``target_key`` (optional): the ``[1, D, H, W]`` training target after this click, which with
+      ``target="clicked"`` is the lesions the positive clicks so far touched (see ``ClickSimulator``).
+
     A missing or None ``pred_key`` means "no prediction yet" (first click, inside the lesion). Padding clicks (label -1,
     point (0,0,0)) are emitted when nothing is left to correct, or for an empty lesion at the first click; see
-    :func:`~msam_components.transforms.click_sampling.sample_click`. The ``"random"`` strategy draws from ``self.R``,
-    so ``set_random_state(seed)`` makes a sequence of calls reproducible; ``"center"`` is deterministic. If
-    ``label_key`` is absent and ``allow_missing_keys`` is True the data is returned unchanged (shallow copy).
+    :func:`~msam_components.transforms.click_sampling.sample_click`. ``strategy`` is one of ``"random"``, ``"center"``,
+    ``"interior"`` or a mapping of them to weights (drawn per click, as in training). Random draws come from
+    ``self.R``, so ``set_random_state(seed)`` makes a sequence of calls reproducible; ``"center"`` is deterministic.
+    If ``label_key`` is absent and ``allow_missing_keys`` is True the data is returned unchanged (shallow copy).
     """
 
     def __init__(
@@ -38,17 +47,20 @@ class SimulateClickd(Randomizable, MapTransform):
         point_label_key: Hashable = "click_label",
         history_points_key: Hashable = "click_points",
         history_labels_key: Hashable = "click_labels",
-        strategy: str = "random",
+        strategy: str | Mapping[str, float] = "random",
         threshold: float = 0.5,
         threshold_on: str = "logits",
         allow_missing_keys: bool = False,
+        target: str = "all",
+        target_key: Hashable | None = None,
     ) -> None:
         """Configure keys and sampling; ``label_key`` is the MONAI ``keys`` argument (exactly one key)."""
         MapTransform.__init__(self, keys=label_key, allow_missing_keys=allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError(f"label_key must be a single key, got {label_key!r}")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        check_strategy("strategy", strategy)
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         _check_threshold(threshold, threshold_on)
         self.label_key = self.keys[0]
         self.pred_key = pred_key
@@ -59,37 +71,66 @@ class SimulateClickd(Randomizable, MapTransform):
         self.strategy = strategy
         self.threshold = threshold
         self.threshold_on = threshold_on
-        self._click: Click | None = None
+        self.target, self.target_key = target, target_key
+        self._click: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def randomize(self, data: Mapping[Hashable, object]) -> None:
-        """Draw this call's click from ``data`` (label, optional pred) with ``self.R``; stored in ``self._click``."""
-        label = convert_to_tensor(data[self.label_key], track_meta=False)
+        """Draw this call's click from ``data`` (label, optional pred, click history) with ``self.R`` through a
+        ``ClickSimulator`` resumed from the history; ``(point [1,3], label [1], target [1,D,H,W])`` in ``self._click``.
+        """
+        label = _spatial(convert_to_tensor(data[self.label_key], track_meta=False), "label")
         pred = data.get(self.pred_key)
-        pred = None if pred is None else convert_to_tensor(pred, track_meta=False)
-        self._click = sample_click(pred, label, self.R, self.strategy, self.threshold, self.threshold_on)
+        pred = None if pred is None else _spatial(convert_to_tensor(pred, track_meta=False), "pred")
+        if pred is not None and pred.shape != label.shape:
+            raise ValueError(
+                f"pred spatial shape {tuple(pred.shape)} does not match label spatial shape {tuple(label.shape)}"
+            )
+        points = self._history(data.get(self.history_points_key), (-1, 3), "points", label.device)
+        labels = self._history(data.get(self.history_labels_key), (-1,), "labels", label.device)
+        if points.shape[0] != labels.shape[0]:
+            raise ValueError(f"history points ({points.shape[0]}) and labels ({labels.shape[0]}) differ in length")
+        simulator = ClickSimulator(
+            label[None, None],
+            self.R,
+            strategy=self.strategy,
+            threshold=self.threshold,
+            threshold_on=self.threshold_on,
+            target=self.target,
+        )
+        simulator.replay(points[None], labels[None])
+        point, point_label = simulator(points.shape[0], None if pred is None else pred[None, None])
+        target = simulator.target(points.shape[0])[0].to(label.dtype)
+        self._click = (point[0], point_label[0], target)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         """Return a shallow copy of ``data`` with the new click and the extended click history."""
         d = dict(data)
         for _ in self.key_iterator(d):
             self.randomize(d)
-            click = self._click
-            assert click is not None
-            point = click.point.reshape(1, 3)
-            point_label = torch.tensor([click.label], dtype=torch.int64, device=point.device)
+            assert self._click is not None
+            point, point_label, target = self._click
             d[self.point_key] = point
             d[self.point_label_key] = point_label
-            d[self.history_points_key] = self._extend(d.get(self.history_points_key), point, (-1, 3), "points")
-            d[self.history_labels_key] = self._extend(d.get(self.history_labels_key), point_label, (-1,), "labels")
+            d[self.history_points_key] = self._extend(d.get(self.history_points_key), point)
+            d[self.history_labels_key] = self._extend(d.get(self.history_labels_key), point_label)
+            if self.target_key is not None:
+                d[self.target_key] = target
         return d
 
     @staticmethod
-    def _extend(history: object, new: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
-        """Append ``new`` to an ``[N, 3]`` / ``[N]`` history (None starts a fresh one) without mutating the old one."""
+    def _history(history: object, shape: tuple[int, ...], what: str, device: torch.device) -> torch.Tensor:
+        """An ``[N, 3]`` / ``[N]`` int64 click history (None is an empty one), checked."""
         if history is None:
-            return new.clone()
+            return torch.zeros((0, *shape[1:]), dtype=torch.int64, device=device)
         hist = convert_to_tensor(history, track_meta=False)
         if hist.ndim != len(shape) or (len(shape) == 2 and hist.shape[1] != 3):
             expected = "[N,3]" if len(shape) == 2 else "[N]"
             raise ValueError(f"history {what} must have shape {expected}, got {tuple(hist.shape)}")
-        return torch.cat([hist.to(device=new.device, dtype=torch.int64), new], dim=0)
+        return hist.to(device=device, dtype=torch.int64)
+
+    @staticmethod
+    def _extend(history: object, new: torch.Tensor) -> torch.Tensor:
+        """Append ``new`` to a checked history (None starts a fresh one) without mutating the old one."""
+        if history is None:
+            return new.clone()
+        return torch.cat([convert_to_tensor(history, track_meta=False).to(device=new.device, dtype=torch.int64), new])

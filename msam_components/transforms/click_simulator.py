@@ -1,7 +1,8 @@
 """The click simulator of the training and evaluation loop, and the training-recipe options that make clicks matter.
 
 ``ClickSimulator`` supplies each step's clicks to ``MSAM.refine`` from the errors of the previous prediction and keeps
-the click history. Besides the reference protocol (uniform clicks over all errors, only the current click passed,
+the click history. It is the one click simulator of the project: the engines drive it per batch, and
+:class:`~msam_components.transforms.SimulateClickd` runs it on one sample as a MONAI transform. Besides the reference protocol (uniform clicks over all errors, only the current click passed,
 target = every lesion voxel) it holds what a recipe needs so that a model cannot score by ignoring clicks:
 
 * ``strategy`` may be a mixture (``{"random": 0.5, "interior": 0.5}``), drawn per click;
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..transforms.click_sampling import PADDING_LABEL, STRATEGIES, sample_clicks_batch
+from .click_sampling import PADDING_LABEL, STRATEGIES, sample_clicks_batch
 
 __all__ = ["ClickSimulator", "TARGETS", "check_strategy", "gather_at_points"]
 
@@ -211,6 +212,17 @@ class ClickSimulator:
             if moved.any() and not (ndimage.binary_dilation(moved, iterations=2) & (components > 0)).any():
                 return moved
         return np.zeros(components.shape, dtype=bool)
+
+    def replay(self, points: torch.Tensor, labels: torch.Tensor) -> None:
+        """Take ``[B, K, 3]`` / ``[B, K]`` earlier clicks as this simulator's history, one step per click, updating the
+        clicked-lesion targets as if they had been drawn here (how a transform resumes from a sample's history)."""
+        for k in range(points.shape[1]):
+            step_points, step_labels = points[:, k : k + 1].to(torch.int64), labels[:, k : k + 1].to(torch.int64)
+            self.points.append(step_points)
+            self.labels.append(step_labels)
+            if self._components is not None:
+                self._select(step_points, step_labels)
+                self.targets.append(self._current_target())
 
     def history(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All clicks so far: ``[B, K, 3]`` points and ``[B, K]`` labels (-1 marks a padding click)."""
