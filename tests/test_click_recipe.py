@@ -11,9 +11,9 @@ import torch
 from conftest import small_msam_kwargs
 
 from msam_components.engines import ClickInferer, EmbeddingCache, IterativeClickRefinement
-from msam_components.transforms.click_simulator import ClickSimulator, check_strategy, click_compliance
 from msam_components.networks import MSAM
 from msam_components.transforms.click_sampling import sample_click
+from msam_components.transforms.click_simulator import ClickSimulator, check_strategy, click_compliance
 
 
 def two_lesions(size: int = 24) -> torch.Tensor:

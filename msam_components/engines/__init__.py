@@ -3,7 +3,15 @@
 from .checkpointing import TrainingCheckpoint, atomic_torch_save
 from .click_inferer import ClickHistory, ClickInferer, EmbeddingCache
 from .click_metrics import ClickMetricsHandler, summarise_click_metrics
-from .interaction import CLICK_COMPLIANCE, CLICK_DICE, CLICK_IOU, ClickSimulator, IterativeClickRefinement, binarise, msam_loss
+from .interaction import (
+    CLICK_COMPLIANCE,
+    CLICK_DICE,
+    CLICK_IOU,
+    ClickSimulator,
+    IterativeClickRefinement,
+    binarise,
+    msam_loss,
+)
 from .optim import msam_lr_milestones, msam_lr_scheduler, msam_optimizer
 
 __all__ = [

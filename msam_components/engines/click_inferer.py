@@ -12,6 +12,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
+from ..networks.click_prompt import mask_prompt
 from ..networks.msam import MSAM
 from .cuda_graphs import DEFAULT_CLICK_BUCKETS, CUDAGraphRunner
 
@@ -20,11 +21,13 @@ CLICK_MODES = ("sequential", "cumulative", "together")
 
 
 class ClickHistory(NamedTuple):
-    """The clicks last decoded on one image (``points [B, N, 3]``, ``labels [B, N]``) and the logits after each."""
+    """The clicks last decoded on one image (``points [B, N, 3]``, ``labels [B, N]``), the logits after each, and a
+    fingerprint of the starting mask prompt (None: started from an empty mask)."""
 
     points: torch.Tensor
     labels: torch.Tensor
     low_res: list[torch.Tensor]
+    start: str | None = None
 
     def common_prefix(self, points: torch.Tensor, labels: torch.Tensor) -> int:
         """How many leading clicks of ``points``/``labels`` equal this history's (0 when the batch differs)."""
@@ -133,6 +136,11 @@ class ClickInferer(Inferer):
     bare-image prediction is returned. With ``cuda_graphs`` (ignored on CPU) the encoder and the per-click decode of a
     CUDA input without autograd replay CUDA graphs (``cuda_graphs.py``; clicks padded up to the next of
     ``click_buckets``), which removes the kernel-launch overhead that dominates a click on a GPU.
+
+    ``initial_mask`` (``[B, 1, *window]``, foreground > 0) starts the loop from an existing segmentation instead of an
+    empty mask: it enters as the first mask prompt (:func:`~msam_components.networks.click_prompt.mask_prompt`, logits
+    of +-``initial_mask_scale``), exactly where the loop feeds back its own predictions, and the clicks follow. Without
+    clicks the model's reading of the mask alone is returned.
     """
 
     def __init__(
@@ -142,8 +150,12 @@ class ClickInferer(Inferer):
         reuse_clicks: bool = True,
         cuda_graphs: bool = True,
         click_buckets: Sequence[int] = DEFAULT_CLICK_BUCKETS,
+        initial_mask_scale: float = 4.0,
     ) -> None:
         super().__init__()
+        if not initial_mask_scale > 0:
+            raise ValueError(f"initial_mask_scale must be > 0, got {initial_mask_scale!r}")
+        self.initial_mask_scale = float(initial_mask_scale)
         if mode not in CLICK_MODES:
             raise ValueError(f"mode must be one of {CLICK_MODES}, got {mode!r}")
         self.mode = mode
@@ -182,12 +194,14 @@ class ClickInferer(Inferer):
         foreground: ClickList = None,
         background: ClickList = None,
         cache_key: str | None = None,
+        initial_mask: torch.Tensor | None = None,
         *args: object,
         **kwargs: object,
     ) -> torch.Tensor:
         network = getattr(network, "module", network)
         if isinstance(inputs, MetaTensor):  # run on plain tensors; the logits get the input's meta back for Invertd
-            logits = self(inputs.as_tensor(), network, foreground, background, cache_key)
+            mask = initial_mask.as_tensor() if isinstance(initial_mask, MetaTensor) else initial_mask
+            logits = self(inputs.as_tensor(), network, foreground, background, cache_key, mask)
             return MetaTensor(logits, meta=inputs.meta, applied_operations=inputs.applied_operations)
         batch, device = inputs.shape[0], inputs.device
         fg = _as_points(foreground, batch, device, "foreground")
@@ -207,15 +221,19 @@ class ClickInferer(Inferer):
         key = cache_key or EmbeddingCache.key_for(inputs)
         state = self.embedding_state(inputs, network, key)
         self.last_decode_steps = 1
+        start = self._start_prompt(inputs, network, initial_mask)
         if points.shape[1] == 0:
-            return network.upsample(network.decode(state, None, None, None))
-        low_res = inputs.new_zeros(batch, 1, *network.low_res_size)
+            return network.upsample(network.decode(state, None, None, start))
+        low_res = start if start is not None else inputs.new_zeros(batch, 1, *network.low_res_size)
         runner = self.graph_runner(network, inputs)
         decode = network.decode if runner is None else runner.decode
         if self.mode == "together":
             return network.upsample(decode(state, points, labels, low_res))
         reuse = self.reuse_clicks and not torch.is_grad_enabled()
+        start_id = None if start is None else EmbeddingCache.key_for(start)  # the clicks' logits depend on it
         history = self.cache.history(key) if reuse else None
+        if history is not None and history.start != start_id:
+            history = None
         done = history.common_prefix(points, labels) if history is not None else 0
         steps = history.low_res[:done] if history is not None else []
         if done:
@@ -226,5 +244,18 @@ class ClickInferer(Inferer):
             steps.append(low_res)
         self.last_decode_steps = points.shape[1] - done
         if reuse:
-            self.cache.put_history(key, ClickHistory(points, labels, steps))
+            self.cache.put_history(key, ClickHistory(points, labels, steps, start_id))
         return network.upsample(low_res)
+
+    def _start_prompt(self, inputs: torch.Tensor, network: MSAM, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The first mask prompt: ``initial_mask`` as low-res logits (None without one), shape-checked."""
+        if mask is None:
+            return None
+        mask = torch.as_tensor(mask, device=inputs.device)
+        if mask.ndim == inputs.ndim - 1:
+            mask = mask[None]
+        if mask.shape[0] != inputs.shape[0] or mask.shape[2:] != inputs.shape[2:] or mask.shape[1] != 1:
+            raise ValueError(
+                f"initial_mask must be [B, 1, *window] like the input {list(inputs.shape)}, got {list(mask.shape)}"
+            )
+        return mask_prompt(mask > 0, network.low_res_size, self.initial_mask_scale).to(inputs.dtype)

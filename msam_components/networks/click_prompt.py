@@ -10,8 +10,20 @@ MEA sees the click at full spatial precision, next to the mask it corrects. ``cl
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["stamp_clicks"]
+__all__ = ["mask_prompt", "stamp_clicks"]
+
+
+def mask_prompt(mask: torch.Tensor, size: tuple[int, ...], scale: float | torch.Tensor = 4.0) -> torch.Tensor:
+    """A binary mask ``[B, 1, D, H, W]`` as low-res mask-prompt logits ``[B, 1, *size]``: the share of each low-res
+    voxel the mask covers, mapped linearly to ``[-scale, +scale]`` (``scale``: a number or one per sample).
+
+    This is how a given mask (an existing segmentation to edit, or a training recipe's imperfect starting mask) enters
+    the model in place of the previous click's logits."""
+    low = F.adaptive_avg_pool3d(mask.float(), tuple(size))
+    scale = torch.as_tensor(scale, dtype=low.dtype, device=low.device).reshape(-1, 1, 1, 1, 1)
+    return (2.0 * low - 1.0) * scale
 
 
 def stamp_clicks(

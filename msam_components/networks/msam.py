@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_type
-from .image_encoder import ImageEncoderViT3D
 from .click_prompt import stamp_clicks
+from .image_encoder import ImageEncoderViT3D
 from .interpolation import separable_trilinear
 from .lora import LoRAQKV
 from .mask_decoder import MaskDecoder3D

@@ -23,9 +23,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
+from ..networks.click_prompt import mask_prompt
 from .click_sampling import PADDING_LABEL, STRATEGIES, sample_clicks_batch
 
 __all__ = ["ClickSimulator", "TARGETS", "check_strategy", "gather_at_points"]
@@ -194,10 +194,9 @@ class ClickSimulator:
             if self._selected is not None:  # lesions already in the starting mask belong to the target
                 present = np.unique(components[mask & (components > 0)])
                 self._selected[b, torch.as_tensor(present, dtype=torch.int64)] = True
-        low = F.adaptive_avg_pool3d(masks.float(), low_res.shape[2:]).to(low_res.dtype)
-        scale = torch.as_tensor(self.rng.uniform(2.0, 8.0, size=low.shape[0]), dtype=low.dtype, device=low.device)
-        fed = (2.0 * low - 1.0) * scale.view(-1, 1, 1, 1, 1)
-        chosen_t = torch.as_tensor(chosen, device=low.device).view(-1, 1, 1, 1, 1)
+        scale = torch.as_tensor(self.rng.uniform(2.0, 8.0, size=masks.shape[0]), dtype=low_res.dtype)
+        fed = mask_prompt(masks, low_res.shape[2:], scale.to(masks.device)).to(low_res.dtype)
+        chosen_t = torch.as_tensor(chosen, device=fed.device).view(-1, 1, 1, 1, 1)
         return torch.where(chosen_t, fed, low_res)
 
     def _displaced_lesion(self, components: np.ndarray) -> np.ndarray:

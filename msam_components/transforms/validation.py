@@ -42,9 +42,11 @@ class ValidateVolumesd(MapTransform):
         pixdim: Sequence[float] | None = None,
         max_voxels: int = MAX_RESAMPLED_VOXELS,
         max_label_values: int = MAX_LABEL_VALUES,
+        label_name: str = "label",
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.label_key = label_key
+        self.label_name = label_name  # what errors call the label ("initial mask" for a mask to edit)
         self.affine_atol = affine_atol
         self.pixdim = None if pixdim is None else [float(p) for p in pixdim]
         self.max_voxels = int(max_voxels)
@@ -76,14 +78,14 @@ class ValidateVolumesd(MapTransform):
                 img, lab = d[key], d[label_key]
                 if tuple(img.shape[1:]) != tuple(lab.shape[1:]):
                     raise ValueError(
-                        f"image {_source(d, key)} and label {_source(d, label_key)} have different shapes: "
+                        f"image {_source(d, key)} and {self.label_name} {_source(d, label_key)} have different shapes: "
                         f"{list(img.shape[1:])} vs {list(lab.shape[1:])}"
                     )
                 if isinstance(img, MetaTensor) and isinstance(lab, MetaTensor):
                     a, b = img.affine.double().numpy(), lab.affine.double().numpy()
                     if not np.allclose(a, b, atol=self.affine_atol):
                         raise ValueError(
-                            f"image {_source(d, key)} and label {_source(d, label_key)} have different affines "
+                            f"image {_source(d, key)} and {self.label_name} {_source(d, label_key)} have different affines "
                             f"(max difference {np.abs(a - b).max():.4g}): they are not on the same voxel grid"
                         )
         return d
@@ -117,13 +119,13 @@ class ValidateVolumesd(MapTransform):
             fractional = values[values != torch.round(values)]
             if len(fractional):
                 raise ValueError(
-                    f"label {name}: holds non-integer values such as {float(fractional[0]):g} "
+                    f"{self.label_name} {name}: holds non-integer values such as {float(fractional[0]):g} "
                     f"({len(fractional)} distinct); a label map must hold integer class ids (e.g. tumour 2), "
                     "so these voxels would match no target label"
                 )
         if len(values) > self.max_label_values:
             raise ValueError(
-                f"label {name}: has {len(values)} distinct values (from {float(values[0]):g} to "
+                f"{self.label_name} {name}: has {len(values)} distinct values (from {float(values[0]):g} to "
                 f"{float(values[-1]):g}), more than max_label_values {self.max_label_values}: this looks like an "
                 "image or noise, not a segmentation"
             )

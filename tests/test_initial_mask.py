@@ -1,0 +1,184 @@
+"""Editing an existing mask: ``ClickInferer(initial_mask=...)`` and ``inference.yaml --initial_mask`` (issue 13 item 1).
+
+The starting mask must enter the model exactly where the click loop feeds back its own predictions (as a low-res
+mask prompt), follow the image through every spatial step of the bundle's preprocessing, and be refused with the file
+named when it is not on the image's grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import small_msam_kwargs
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from msam_components.engines import ClickInferer
+from msam_components.networks import MSAM
+from msam_components.networks.click_prompt import mask_prompt
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "msam_kits19"
+SMALL = REPO / "tests" / "configs" / "small_bundle.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny() -> MSAM:
+    torch.manual_seed(0)
+    return MSAM(**small_msam_kwargs(image_size=32, patch_size=4, click_stamp=4.0)).eval()
+
+
+def _ball(size: int, centre: tuple[int, int, int], radius: float) -> torch.Tensor:
+    grid = torch.stack(torch.meshgrid(*[torch.arange(size)] * 3, indexing="ij")).float()
+    return (((grid - torch.tensor(centre).view(3, 1, 1, 1)) ** 2).sum(0) <= radius**2)[None, None].float()
+
+
+def test_mask_prompt_maps_cover_to_logits() -> None:
+    mask = torch.zeros(1, 1, 8, 8, 8)
+    mask[..., :4, :, :] = 1
+    low = mask_prompt(mask, (4, 4, 4), 3.0)
+    assert torch.equal(low[..., :2, :, :], torch.full((1, 1, 2, 4, 4), 3.0))
+    assert torch.equal(low[..., 2:, :, :], torch.full((1, 1, 2, 4, 4), -3.0))
+    half = mask_prompt(mask, (1, 1, 1), torch.tensor([2.0]))
+    assert half.item() == pytest.approx(0.0)
+
+
+def test_click_inferer_starts_from_the_mask_then_applies_the_clicks(tiny: MSAM) -> None:
+    """Same logits as decoding by hand from mask_prompt(initial_mask); a different mask gives different logits."""
+    torch.manual_seed(1)
+    image = torch.randn(1, 1, 32, 32, 32)
+    mask = _ball(32, (12, 14, 16), 6)
+    fg, bg = [[12, 14, 16], [20, 20, 20]], [[4, 4, 4]]
+    inferer = ClickInferer(mode="cumulative", initial_mask_scale=4.0)
+    with torch.no_grad():
+        got = inferer(image, tiny, fg, bg, initial_mask=mask)
+        state = tiny.prepare_embedding(tiny.encode(image))
+        low = mask_prompt(mask, tiny.low_res_size, 4.0)
+        points = torch.tensor([fg + bg])
+        labels = torch.tensor([[1, 1, 0]])
+        for i in range(3):
+            low = tiny.decode(state, points[:, : i + 1], labels[:, : i + 1], low)
+        torch.testing.assert_close(got, tiny.upsample(low))
+        plain = inferer(image, tiny, fg, bg)
+        assert not torch.allclose(plain, got), "the starting mask changed nothing"
+        only_mask = inferer(image, tiny, None, None, initial_mask=mask)
+        torch.testing.assert_close(
+            only_mask, tiny.upsample(tiny.decode(state, None, None, mask_prompt(mask, tiny.low_res_size, 4.0)))
+        )
+
+
+def test_click_history_is_not_reused_across_starting_masks(tiny: MSAM) -> None:
+    """Resuming after earlier clicks is only right on the same starting mask."""
+    image = torch.randn(1, 1, 32, 32, 32)
+    a, b = _ball(32, (12, 14, 16), 6), _ball(32, (18, 14, 16), 5)
+    inferer = ClickInferer(mode="cumulative")
+    fg = [[12, 14, 16], [18, 14, 16]]
+    with torch.no_grad():
+        inferer(image, tiny, fg, None, initial_mask=a)
+        assert inferer.last_decode_steps == 2
+        inferer(image, tiny, fg + [[20, 20, 20]], None, initial_mask=a)
+        assert inferer.last_decode_steps == 1  # resumed
+        again = inferer(image, tiny, fg, None, initial_mask=b)
+        assert inferer.last_decode_steps == 2  # another mask: everything decoded again
+        fresh = ClickInferer(mode="cumulative")(image, tiny, fg, None, initial_mask=b)
+        torch.testing.assert_close(again, fresh)
+        with pytest.raises(ValueError, match="initial_mask must be"):
+            inferer(image, tiny, fg, None, initial_mask=torch.zeros(1, 1, 16, 16, 16))
+
+
+# ---- through the bundle's inference.yaml ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny test network's random weights as a checkpoint the inference config accepts."""
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "inference.yaml"), str(SMALL)])
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    torch.save(parser.get_parsed_content("network_def").state_dict(), path)
+    return path
+
+
+def _case(root: Path, affine: np.ndarray, shape=(40, 36, 24)) -> tuple[Path, Path, list[int]]:
+    """A CT-like image and a KiTS19-style label map (1 kidney, 2 tumour) on the same grid; a click in the tumour."""
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    centre = np.array(shape) // 2 + [7, -6, 4]  # off-centre, so a flipped or permuted mask would miss the click
+    tumour = ((grid - centre.reshape(3, 1, 1, 1)) ** 2).sum(0) <= 6**2
+    kidney = (((grid - (centre + [0, 6, 0]).reshape(3, 1, 1, 1)) ** 2).sum(0) <= 7**2) & ~tumour
+    image = np.where(tumour, 90, np.where(kidney, 180, 30)).astype(np.int16)
+    seg = (kidney * 1 + tumour * 2).astype(np.uint8)
+    root.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image, affine), str(root / "image.nii.gz"))
+    nib.save(nib.Nifti1Image(seg, affine), str(root / "seg.nii.gz"))
+    return root / "image.nii.gz", root / "seg.nii.gz", [int(v) for v in centre]
+
+
+def _workflow(image: Path, click: list[int], ckpt: Path, out: Path, **extra) -> ConfigWorkflow:
+    wf = ConfigWorkflow(
+        config_file=[str(BUNDLE / "configs" / "inference.yaml"), str(SMALL)],
+        workflow_type="infer",
+        bundle_root=str(BUNDLE),
+        image_path=str(image),
+        foreground=[click],
+        background=[],
+        ckpt_path=str(ckpt),
+        output_dir=str(out),
+        **extra,
+    )
+    wf.initialize()
+    return wf
+
+
+GEOMETRIES = {
+    "ras_anisotropic": np.diag([1.5, 1.5, 2.5, 1.0]),
+    "lps": np.diag([-1.2, -1.2, 3.0, 1.0]),
+    "ipl_permuted": np.array([[0, 0, -2.0, 0], [0, -1.5, 0, 0], [-1.5, 0, 0, 0], [0, 0, 0, 1.0]]),
+}
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+def test_bundle_inference_edits_a_given_mask_in_the_input_geometry(geometry: str, checkpoint: Path, tmp_path: Path):
+    """The selected labels of --initial_mask reach the inferer as the window's binary mask, aligned with the image; the
+    written mask has the input's shape and affine."""
+    image, seg, click = _case(tmp_path / "case", GEOMETRIES[geometry])
+    wf = _workflow(image, click, checkpoint, tmp_path / "out", initial_mask=str(seg))
+    item = wf.dataset[0]
+    window, mask = item["image"], item["initial_mask"]
+    assert mask.shape == window.shape and set(torch.unique(mask).tolist()) == {0.0, 1.0}
+    # the window is centred on the click at the tumour's centre: the mask's tumour must sit there too
+    centroid = torch.nonzero(mask[0] > 0).float().mean(0)
+    expected = (torch.tensor(window.shape[1:]).float() - 1) / 2
+    assert torch.all((centroid - expected).abs() <= 1.5), (centroid.tolist(), expected.tolist())
+    kidney = _workflow(image, click, checkpoint, tmp_path / "kidney", initial_mask=str(seg), initial_label=[1])
+    assert not torch.equal(kidney.dataset[0]["initial_mask"], mask)
+    batch = next(iter(wf.parser.get_parsed_content("dataloader")))
+    _, _, _, kwargs = wf.evaluator.prepare_batch(batch, torch.device("cpu"))
+    assert torch.equal(kwargs["initial_mask"].as_tensor()[0], mask.as_tensor())
+    wf.run()
+    wf.finalize()
+    written = list((tmp_path / "out").glob("*_seg.nii.gz"))
+    assert len(written) == 1
+    result, source = nib.load(str(written[0])), nib.load(str(image))
+    assert result.shape == source.shape
+    np.testing.assert_allclose(result.affine, source.affine, atol=1e-5)
+
+
+@pytest.mark.parametrize("fault", ["shape", "affine"])
+def test_initial_mask_on_another_grid_is_refused_naming_the_file(fault: str, checkpoint: Path, tmp_path: Path) -> None:
+    image, seg, click = _case(tmp_path / "case", GEOMETRIES["ras_anisotropic"])
+    other = tmp_path / f"other_{fault}.nii.gz"
+    data = np.asarray(nib.load(str(seg)).dataobj)
+    if fault == "shape":
+        nib.save(nib.Nifti1Image(data[:-2], GEOMETRIES["ras_anisotropic"]), str(other))
+    else:
+        nib.save(nib.Nifti1Image(data, np.diag([2.0, 1.5, 2.5, 1.0])), str(other))
+    wf = _workflow(image, click, checkpoint, tmp_path / "out", initial_mask=str(other))
+    with pytest.raises(Exception) as err:
+        wf.dataset[0]
+    text = "".join(str(e) for e in (err.value, err.value.__cause__) if e is not None)
+    assert "initial mask" in text and other.name in text and f"different {fault}" in text.replace("shapes", "shape")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
