@@ -86,6 +86,21 @@ def test_evaluate_writes_per_click_reports(trained_bundle: dict) -> None:
     assert (out / "click_metrics.png").is_file() and (out / "click_metrics_summary.json").is_file()
 
 
+@pytest.mark.parametrize("start", ["dilate", "drop_lesion"])
+def test_evaluate_from_a_damaged_mask(trained_bundle: dict, start: str) -> None:
+    """--eval_start runs the click loop from a damaged ground truth and reports the same per-click measures."""
+    bundle, root = trained_bundle["bundle"], trained_bundle["root"]
+    files = configs(bundle, "train.yaml", "evaluate.yaml") + [str(SMALL)]
+    paths = {**trained_bundle["paths"], "output_dir": str(root / f"evaluation_{start}")}
+    ckpt = str(root / "models" / "model.pt")
+    wf = _workflow(bundle, files, "train", run_id="evaluating", ckpt_path=ckpt, eval_start=start, **paths)
+    assert wf.parser.get_parsed_content("validate#click_loop").initial_mask_key == "initial_mask"
+    wf.run()
+    wf.finalize()
+    summary = json.loads((root / f"evaluation_{start}" / "click_metrics_summary.json").read_text())
+    assert summary["num_cases_in_means"] == 1 and len(summary["mean_dice_per_click"]) == 3
+
+
 def test_inference_writes_mask_in_input_geometry(trained_bundle: dict) -> None:
     bundle, root, data_dir = trained_bundle["bundle"], trained_bundle["root"], trained_bundle["data_dir"]
     fold = json.loads((root / "eval" / "fold.json").read_text())

@@ -182,3 +182,57 @@ def test_initial_mask_on_another_grid_is_refused_naming_the_file(fault: str, che
     text = "".join(str(e) for e in (err.value, err.value.__cause__) if e is not None)
     assert "initial mask" in text and other.name in text and f"different {fault}" in text.replace("shapes", "shape")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ---- the edit benchmark: evaluation from damaged ground truth -------------------------------------------------------
+
+
+def _two_lesions(size: int = 32) -> np.ndarray:
+    return (_ball(size, (10, 10, 10), 5) + _ball(size, (22, 22, 20), 3))[0, 0].numpy() > 0
+
+
+@pytest.mark.parametrize("damage", ["none", "dilate", "erode", "drop_lesion", "add_false_positive"])
+def test_damage_mask_makes_the_fault_it_names(damage: str) -> None:
+    from scipy import ndimage
+
+    from msam_components.transforms import DamageMaskd, damage_mask
+
+    label = _two_lesions()
+    out = damage_mask(label, damage, iterations=2)
+    again = DamageMaskd(damage=damage)({"label": torch.as_tensor(label[None], dtype=torch.float32)})["initial_mask"]
+    assert torch.equal(again[0] > 0, torch.as_tensor(out))  # deterministic, and the transform is the function
+    components, count = ndimage.label(out)
+    if damage == "none":
+        assert np.array_equal(out, label)
+    elif damage == "dilate":
+        assert out.sum() > label.sum() and (out & label).sum() == label.sum()
+    elif damage == "erode":
+        assert 0 < out.sum() < label.sum() and not (out & ~label).any()
+    elif damage == "drop_lesion":
+        assert count == 1 and np.array_equal(out, label & (ndimage.label(label)[0] == 1))
+    else:
+        added = out & ~label
+        assert count == 3 and added.sum() == (ndimage.label(label)[0] == 2).sum()
+        assert not (ndimage.binary_dilation(added, iterations=2) & label).any()
+    with pytest.raises(ValueError, match="damage must be one of"):
+        damage_mask(label, "blur")
+
+
+def test_evaluation_from_a_dilated_mask_starts_with_a_negative_click(tiny: MSAM) -> None:
+    """With initial_mask_key the loop starts from the given mask: a dilated ground truth has only false positives, so the
+    first simulated click is negative, where from nothing it is positive."""
+    from monai.engines import SupervisedEvaluator
+
+    from msam_components.engines import IterativeClickRefinement
+    from msam_components.transforms import damage_mask
+
+    label = torch.as_tensor(_two_lesions()[None, None], dtype=torch.float32)
+    start = torch.as_tensor(damage_mask(label[0, 0].numpy(), "dilate", 3)[None, None], dtype=torch.float32)
+    batch = [{"image": torch.randn(1, 1, 32, 32, 32), "label": label, "initial_mask": start}]
+    first_labels = {}
+    for key in (None, "initial_mask"):
+        loop = IterativeClickRefinement(num_clicks=2, strategy="center", initial_mask_key=key)
+        evaluator = SupervisedEvaluator(torch.device("cpu"), batch, tiny, iteration_update=loop, decollate=False)
+        evaluator.run()
+        first_labels[key] = int(evaluator.state.output["click_labels"][0, 0])
+    assert first_labels == {None: 1, "initial_mask": 0}

@@ -22,6 +22,7 @@ from monai.transforms import Randomizable
 from monai.utils import CommonKeys as Keys
 
 from ..checks import check_type
+from ..networks.click_prompt import mask_prompt
 from ..transforms.click_simulator import TARGETS, ClickSimulator, check_strategy, click_compliance, gather_at_points
 
 logger = logging.getLogger("msam_components")
@@ -99,6 +100,8 @@ class IterativeClickRefinement(Randomizable):
         loss_click_weighting: str = "uniform",
         initial_mask_prob: float = 0.0,
         feedback_dropout: float = 0.0,
+        initial_mask_key: str | None = None,
+        initial_mask_scale: float = 4.0,
     ) -> None:
         check_type("num_clicks", num_clicks, int)
         if num_clicks < 1:
@@ -133,6 +136,9 @@ class IterativeClickRefinement(Randomizable):
         self.target = target
         self.lambda_click, self.loss_click_weighting = float(lambda_click), loss_click_weighting
         self.initial_mask_prob, self.feedback_dropout = float(initial_mask_prob), float(feedback_dropout)
+        if not initial_mask_scale > 0:
+            raise ValueError(f"initial_mask_scale must be > 0, got {initial_mask_scale!r}")
+        self.initial_mask_key, self.initial_mask_scale = initial_mask_key, float(initial_mask_scale)
         self._seeded_rank: int | None = None
 
     def randomize(self, data: object = None) -> None:
@@ -152,7 +158,12 @@ class IterativeClickRefinement(Randomizable):
             self._seeded_rank = rank
 
     def _loop(
-        self, engine, inputs: torch.Tensor, label: torch.Tensor, training: bool = False
+        self,
+        engine,
+        inputs: torch.Tensor,
+        label: torch.Tensor,
+        training: bool = False,
+        start: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ClickSimulator]:
         simulator = ClickSimulator(
             label,
@@ -166,12 +177,20 @@ class IterativeClickRefinement(Randomizable):
             initial_mask_prob=self.initial_mask_prob if training else 0.0,
             feedback_dropout=self.feedback_dropout if training else 0.0,
         )
+        feedback = simulator.feedback if simulator.uses_feedback_fn else None
+        if start is not None:  # a given starting mask: the first mask prompt, the first click drawn from its errors
+            network = getattr(engine.network, "module", engine.network)
+            first = mask_prompt(start > 0, network.low_res_size, self.initial_mask_scale).to(inputs.dtype)
+
+            def feedback(i: int, low_res: torch.Tensor, then=feedback) -> torch.Tensor:
+                return first if i == 0 else (low_res if then is None else then(i, low_res))
+
         logits = engine.network(
             inputs,
             click_fn=simulator,
             num_clicks=self.num_clicks,
             detach_feedback=self.detach_feedback,
-            feedback_fn=simulator.feedback if simulator.uses_feedback_fn else None,
+            feedback_fn=feedback,
         )
         return logits, simulator
 
@@ -230,6 +249,7 @@ class IterativeClickRefinement(Randomizable):
         targets = targets.as_tensor() if isinstance(targets, MetaTensor) else targets
         label = (targets > 0).to(inputs.dtype if inputs.is_floating_point() else torch.float32)
         engine.state.output[Keys.LABEL] = label
+        start = self._start_mask(batchdata, label)
         device_type = inputs.device.type
         if isinstance(engine, SupervisedTrainer):
             keep = label.flatten(1).any(dim=1)
@@ -246,7 +266,7 @@ class IterativeClickRefinement(Randomizable):
         else:
             with engine.mode(engine.network):
                 with torch.autocast(device_type, **engine.amp_kwargs) if engine.amp else nullcontext():
-                    logits, simulator = self._loop(engine, inputs, label)
+                    logits, simulator = self._loop(engine, inputs, label, start=start)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         logits = logits.detach().float()
         engine.state.output[Keys.PRED] = logits[:, -1:]
@@ -258,6 +278,20 @@ class IterativeClickRefinement(Randomizable):
             engine.state.output["click_logits"] = logits
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    def _start_mask(self, batchdata: dict, label: torch.Tensor) -> torch.Tensor | None:
+        """The batch's starting masks (``initial_mask_key``, evaluation only), on the label's device and shape."""
+        if self.initial_mask_key is None:
+            return None
+        if self.initial_mask_key not in batchdata:
+            raise KeyError(
+                f"initial_mask_key {self.initial_mask_key!r} is not in the batch (keys: {sorted(batchdata)})"
+            )
+        start = batchdata[self.initial_mask_key]
+        start = start.as_tensor() if isinstance(start, MetaTensor) else torch.as_tensor(start)
+        if start.shape != label.shape:
+            raise ValueError(f"{self.initial_mask_key!r} has shape {list(start.shape)}, the label {list(label.shape)}")
+        return start.to(label.device)
 
     def _log_skipped(self, batchdata: dict, keep: torch.Tensor) -> None:
         """Training skips crops without any target voxel (no click can be simulated); count and name them."""

@@ -3,6 +3,7 @@
 from .click_sampling import PADDING_LABEL, Click, error_regions, sample_click, sample_clicks_batch
 from .click_simulator import ClickSimulator
 from .clicks import SimulateClickd
+from .damage import DamageMaskd, damage_mask
 from .intensity import NormalizeIntensityAboved
 from .paste import PasteWindowd, paste_window, window_geometry
 from .resample import SeparableSpacingd
@@ -23,6 +24,7 @@ __all__ = [
     "CropOrPadAroundClicksd",
     "CropOrPadAroundLabeld",
     "CropPadBox",
+    "DamageMaskd",
     "MapClicksToImaged",
     "NamedNibabelReader",
     "NormalizeIntensityAboved",
@@ -33,6 +35,7 @@ __all__ = [
     "WarnEmptyMaskd",
     "WarnIfNotHounsfieldd",
     "compute_crop_or_pad_box",
+    "damage_mask",
     "error_regions",
     "parse_clicks",
     "paste_window",
