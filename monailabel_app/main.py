@@ -146,11 +146,16 @@ class MSAMApp(MONAILabelApp):
         """MONAI Label's infer entry point: the image must be a datastore id (never a path)."""
         return self.run_infer(request)
 
-    def run_infer(self, request: dict[str, Any], upload: str | None = None) -> dict[str, Any]:
-        """Segment a datastore image (``request["image"]`` is its id) or an already checked upload, optionally saving
-        the mask as the image's label ``label_tag``; at most ``max_pending_infers`` run or wait at once (else 429)."""
+    def run_infer(
+        self, request: dict[str, Any], upload: str | None = None, initial_mask: str | None = None
+    ) -> dict[str, Any]:
+        """Segment a datastore image (``request["image"]`` is its id) or an already checked upload, optionally starting
+        from an uploaded label (``initial_mask``, a checked temporary file) and saving the mask as the image's label
+        ``label_tag``; at most ``max_pending_infers`` run or wait at once (else 429)."""
         task = self._task(self._infers, request.get("model"), "models")
-        request = dict(request)
+        request = {k: v for k, v in request.items() if k != "initial_mask"}  # a path only ever comes from an upload
+        if initial_mask is not None:
+            request["initial_mask"] = initial_mask
         save_label = request.get("save_label", False)
         if not isinstance(save_label, bool):
             raise HTTPException(400, f"save_label must be true or false, got {save_label!r}")

@@ -690,3 +690,51 @@ def nib_shape(path: str) -> tuple[int, ...]:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def _infer_with_label(server: dict, params: dict, label: bytes | None, name: str = "current.nii.gz"):
+    """POST /infer/msam_kits19 on case_00000 with an optional label upload (the "edit the current label" flow)."""
+    import httpx
+
+    files = {"label": (name, label, "application/octet-stream")} if label is not None else None
+    return httpx.post(
+        f"{server['base']}/infer/msam_kits19",
+        params={"image": "case_00000", "output": "json"},
+        data={"params": json.dumps(params)},
+        files=files,
+        timeout=REQUEST_TIMEOUT_S,
+    )
+
+
+def test_edit_flow_starts_from_the_uploaded_label(server: dict, tmp_path: Path) -> None:
+    """A label sent with the request (lesion = 1, on the image's grid) is the starting mask the clicks correct; a label
+    on another grid is refused naming the fault; nothing is left in the server's temporary folder."""
+    import nibabel as nib
+
+    current = server["studies"] / "labels" / "final" / "case_00000.nii.gz"
+    clicks = {"foreground": [server["click"]]}
+    edited = _infer_with_label(server, clicks, current.read_bytes())
+    assert edited.status_code == 200, edited.text
+    window_voxels = edited.json()["initial_mask_voxels"]
+    assert window_voxels > 0
+    plain = _infer_with_label(server, clicks, None)
+    assert plain.status_code == 200 and plain.json()["initial_mask_voxels"] is None
+    seg = nib.load(str(current))
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(seg.shape, np.uint8), seg.affine), str(empty))
+    assert _infer_with_label(server, clicks, empty.read_bytes()).json()["initial_mask_voxels"] == 0
+    shifted = tmp_path / "shifted.nii.gz"
+    affine = seg.affine.copy()
+    affine[0, 3] += 5.0
+    nib.save(nib.Nifti1Image(np.asarray(seg.dataobj), affine), str(shifted))
+    bad = _infer_with_label(server, clicks, shifted.read_bytes())
+    assert bad.status_code == 400 and "uploaded label" in bad.json()["detail"] and "grid" in bad.json()["detail"]
+    cropped = tmp_path / "cropped.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(seg.dataobj)[:-4], seg.affine), str(cropped))
+    bad = _infer_with_label(server, clicks, cropped.read_bytes())
+    assert bad.status_code == 400 and "shape" in bad.json()["detail"], bad.text
+    bad = _infer_with_label(server, clicks, b"not a volume", name="current.txt")
+    assert 400 <= bad.status_code < 500, bad.text
+    sneaky = _infer_with_label(server, {**clicks, "initial_mask": str(current)}, None)
+    assert sneaky.status_code == 400 and "initial_mask" in sneaky.json()["detail"]
+    assert _leftovers(server) == []

@@ -31,6 +31,7 @@ from .guard import Limits, check_voxels
 logger = logging.getLogger(__name__)
 
 CLICK_KEYS = ("foreground", "background")
+INITIAL_MASK = "initial_mask"  # the request key of a starting mask (an uploaded label) and the bundle's data key
 CLICK_TRANSFORMS = (MapClicksToImaged, CropOrPadAroundClicksd)
 PREPARED_IMAGES = 2  # preprocessed images kept per task (an annotator works on one image at a time)
 
@@ -102,6 +103,23 @@ def check_clicks_inside(clicks: dict[str, list[list[int]]], shape: Sequence[int]
         for point in points:
             if any(not 0 <= v < s for v, s in zip(point, shape)):
                 raise HTTPException(400, f"{key!r}: click {point} is outside the image of shape {list(shape)}")
+
+
+def check_same_grid(mask_path: str, image: nib.Nifti1Image) -> None:
+    """Raise HTTP 400 unless the uploaded label is a readable volume on the image's voxel grid (shape and affine)."""
+    try:
+        mask = nib.load(mask_path)
+    except Exception as err:  # noqa: BLE001 - any reader failure is the upload's fault
+        raise HTTPException(400, f"cannot read the uploaded label: {err}") from err
+    if tuple(mask.shape[:3]) != tuple(image.shape[:3]) or len(mask.shape) > 3 and any(n != 1 for n in mask.shape[3:]):
+        raise HTTPException(
+            400, f"the uploaded label has shape {list(mask.shape)}, the image {list(image.shape)}: not the same grid"
+        )
+    if not np.allclose(mask.affine, image.affine, atol=1e-3):
+        difference = float(np.abs(mask.affine - image.affine).max())
+        raise HTTPException(
+            400, f"the uploaded label's affine differs from the image's (by up to {difference:.4g}): not the same grid"
+        )
 
 
 def share_voxels(data: dict[str, Any]) -> dict[str, Any]:
@@ -204,13 +222,16 @@ class MSAMBundleInferTask(InferTask):
         transforms = [t for t in post.transforms if not isinstance(t, SaveImaged)]
         if transforms and isinstance(transforms[0], PasteWindowd) and zero_preserving(transforms[1:]):
             transforms[0].box_only = True  # threshold the window's box, paste a uint8 mask: no full-size float volume
+        parser["initial_label"] = [1]  # an uploaded label is in this task's convention: the lesion is 1, as returned
         preprocessing = parser.get_parsed_content("preprocessing")
         image_stage, click_stage = split_preprocessing(preprocessing)
+        mask_stage = Compose([t for t in image_stage.transforms if INITIAL_MASK in getattr(t, "keys", ())])
         self._parts = {  # rebuilt when the weights file changes (e.g. after training from MONAI Label)
             "mtime": mtime,
             "device": parser.get_parsed_content("device"),
             "preprocessing": preprocessing,
             "image_stage": image_stage,
+            "mask_stage": mask_stage,
             "click_stage": click_stage,
             "prepared_images": OrderedDict(),
             "network": parser.get_parsed_content("network"),
@@ -221,9 +242,13 @@ class MSAMBundleInferTask(InferTask):
         return self._parts
 
     @staticmethod
-    def _preprocess(parts: dict[str, Any], image_path: str, clicks: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    def _preprocess(
+        parts: dict[str, Any], image_path: str, clicks: dict[str, Any], mask_path: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
         """The bundle's preprocessing; its image-only stage is cached per file (path, mtime, size), so a click on the
-        same image skips loading, reorientation and resampling. Returns the data and whether the cache served it."""
+        same image skips loading, reorientation and resampling. A starting mask (``mask_path``, already checked to be
+        on the image's grid) goes through the image stage's transforms that name it, then is cropped with the image.
+        Returns the data and whether the cache served the image."""
         stat = os.stat(image_path)
         key = (image_path, stat.st_mtime_ns, stat.st_size)
         cache = parts["prepared_images"]
@@ -233,7 +258,8 @@ class MSAMBundleInferTask(InferTask):
             while len(cache) > PREPARED_IMAGES:
                 cache.popitem(last=False)
         cache.move_to_end(key)
-        data = parts["click_stage"]({**share_voxels(cache[key]), **clicks})
+        mask = parts["mask_stage"]({INITIAL_MASK: mask_path}) if mask_path else {}
+        data = parts["click_stage"]({**share_voxels(cache[key]), **mask, **clicks})
         return {k: v.clone() if isinstance(v, MetaTensor) else v for k, v in data.items()}, cached  # no cache views
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -247,6 +273,9 @@ class MSAMBundleInferTask(InferTask):
         except Exception as err:  # noqa: BLE001 - any reader failure is the input's fault
             raise HTTPException(400, f"cannot read image {os.path.basename(image_path)}: {err}") from err
         check_clicks_inside(clicks, header_img.shape[:3])
+        mask_path = request.get(INITIAL_MASK)
+        if mask_path is not None:
+            check_same_grid(mask_path, header_img)
         what = f"image {os.path.basename(image_path)}"
         check_voxels(header_img.shape, header_img.header.get_zooms(), self.limits, what)
         with self._lock:
@@ -257,19 +286,21 @@ class MSAMBundleInferTask(InferTask):
             loaded = time.perf_counter()
             misses = parts["inferer"].cache.misses
             try:
-                data, image_cached = self._preprocess(parts, image_path, clicks)
+                data, image_cached = self._preprocess(parts, image_path, clicks, mask_path)
             except Exception as err:  # noqa: BLE001 - map the input's faults to 4xx, the rest to 5xx
                 cause = _root_cause(err)
                 code = 400 if isinstance(cause, ValueError) else 500
                 raise HTTPException(code, f"preprocessing failed: {cause}") from err
             prepared = time.perf_counter()
             device = parts["device"]
+            start_mask = data[INITIAL_MASK][None].to(device) if INITIAL_MASK in data else None
             with torch.no_grad():
                 pred = parts["inferer"](
                     data["image"][None].to(device),
                     parts["network"],
                     data["foreground"][None].to(device),
                     data["background"][None].to(device),
+                    initial_mask=start_mask,
                 )
             data["pred"] = pred[0].detach().to("cpu")
             predicted = time.perf_counter()
@@ -297,6 +328,7 @@ class MSAMBundleInferTask(InferTask):
             "encoder_ran": encoder_ran,
             "decode_steps": decode_steps,
             "image_cached": image_cached,
+            "initial_mask_voxels": None if start_mask is None else int((start_mask > 0).sum()),  # in the model window
             "latency": {k: round(v, 4) for k, v in seconds.items()},
         }
         logger.info(

@@ -26,7 +26,7 @@ from .guard import check_name, check_volume, nifti_extension, parse_params, save
 
 logger = logging.getLogger(__name__)
 
-RESERVED_INFER_KEYS = ("model", "image", "file", "label", "session", "session_id")
+RESERVED_INFER_KEYS = ("model", "image", "file", "label", "session", "session_id", "initial_mask")
 TRAIN_BODY_BYTES = 1 << 20  # read whole, so an oversized parameter is refused by name
 
 
@@ -55,12 +55,11 @@ def build_router() -> APIRouter:
         output: Optional[ResultType] = None,
         user: User = user_role,
     ) -> Any:
-        """Segment a datastore image (``?image=<id>``) or an uploaded NIfTI from the clicks in ``params``."""
+        """Segment a datastore image (``?image=<id>``) or an uploaded NIfTI from the clicks in ``params``; with a
+        ``label`` upload (on the image's grid, lesion = 1) the clicks edit that mask instead of starting empty."""
         app = app_instance()
         if session_id:
             raise HTTPException(400, "sessions are not supported by this app: put the image into the datastore first")
-        if label is not None:
-            raise HTTPException(400, "this app takes no label upload for inference, only clicks in params")
         if output == ResultType.dicom_seg:
             raise HTTPException(400, "output 'dicom_seg' needs a DICOMweb datastore; this app serves local studies")
         request = parse_params(params, app.limits)
@@ -69,14 +68,18 @@ def build_router() -> APIRouter:
                 raise HTTPException(400, f"params may not set {key!r}: give the model in the URL, the image as ?image=")
         request.update(model=model, image=image)
         with tempfile.TemporaryDirectory(prefix="msam_infer_") as folder:
-            upload = None
+            upload = initial_mask = None
             if file is not None:
                 ext = nifti_extension(file.filename, "uploaded image")
-                upload = save_upload(file.file, folder, ext, app.limits, "uploaded image")
+                upload = save_upload(file.file, _subfolder(folder, "image"), ext, app.limits, "uploaded image")
                 check_volume(upload, app.limits, f"uploaded image {os.path.basename(file.filename or '')!r}")
             elif not image:
                 raise HTTPException(400, "give an image id from the datastore (?image=<id>) or upload a NIfTI file")
-            result = app.run_infer(request, upload=upload)
+            if label is not None:  # "edit the current label": the clicks correct this mask instead of an empty one
+                ext = nifti_extension(label.filename, "uploaded label")
+                initial_mask = save_upload(label.file, _subfolder(folder, "label"), ext, app.limits, "uploaded label")
+                check_volume(initial_mask, app.limits, f"uploaded label {os.path.basename(label.filename or '')!r}")
+            result = app.run_infer(request, upload=upload, initial_mask=initial_mask)
         try:
             return send_response(app.datastore(), result, output, background_tasks)
         except BaseException:
@@ -169,6 +172,13 @@ def build_router() -> APIRouter:
         return app_instance().restore_weights(model)
 
     return router
+
+
+def _subfolder(folder: str, name: str) -> str:
+    """A fresh folder inside the request's temporary folder (each upload in its own, so names never collide)."""
+    path = os.path.join(folder, name)
+    os.mkdir(path)
+    return path
 
 
 def install(fastapi_app: FastAPI) -> None:
