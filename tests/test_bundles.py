@@ -84,6 +84,8 @@ def test_evaluate_writes_per_click_reports(trained_bundle: dict) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"dice_last_click", "iou_last_click"}
     assert (out / "click_metrics.png").is_file() and (out / "click_metrics_summary.json").is_file()
+    lesions = json.loads((out / "lesion_metrics.json").read_text())
+    assert lesions["num_cases"] == 1 and lesions["lesions_found"] + lesions["lesions_missed"] >= 1
 
 
 @pytest.mark.parametrize("start", ["dilate", "drop_lesion"])

@@ -90,13 +90,14 @@ def test_multi_gpu_handlers_are_chosen_by_type_not_position(rank: int, monkeypat
     )
     parser["validate#handlers"] = (
         "$[ignite.handlers.TerminateOnNan(), monai.handlers.StatsHandler(),"
-        " msam_components.engines.ClickMetricsHandler(output_dir='.'), msam_components.cli.FailureReport()]"
+        " msam_components.engines.ClickMetricsHandler(output_dir='.'), msam_components.cli.FailureReport(),"
+        " msam_components.engines.LesionMetricsHandler(output_dir=None)]"
     )
     train = [type(h).__name__ for h in parser.get_parsed_content("train#trainer#train_handlers")]
     val = [type(h).__name__ for h in parser.get_parsed_content("validate#evaluator#val_handlers")]
     if rank == 0:
         assert train == ["TerminateOnNan", "FailureReport", "StatsHandler", "RequireLesionCases"]
-        assert val == ["TerminateOnNan", "StatsHandler", "ClickMetricsHandler", "FailureReport"]
+        assert val == ["TerminateOnNan", "StatsHandler", "ClickMetricsHandler", "FailureReport", "LesionMetricsHandler"]
     else:
         assert train == ["TerminateOnNan", "FailureReport", "RequireLesionCases"]
-        assert val == ["ClickMetricsHandler", "FailureReport"]
+        assert val == ["ClickMetricsHandler", "FailureReport", "LesionMetricsHandler"]

@@ -12,6 +12,7 @@ from .interaction import (
     binarise,
     msam_loss,
 )
+from .lesion_metrics import LesionMetricsHandler, lesion_detection, summarise_lesions
 from .optim import msam_lr_milestones, msam_lr_scheduler, msam_optimizer
 
 __all__ = [
@@ -24,12 +25,15 @@ __all__ = [
     "ClickSimulator",
     "EmbeddingCache",
     "IterativeClickRefinement",
+    "LesionMetricsHandler",
     "binarise",
+    "lesion_detection",
     "msam_loss",
     "msam_lr_milestones",
     "msam_lr_scheduler",
     "msam_optimizer",
     "summarise_click_metrics",
+    "summarise_lesions",
     "TrainingCheckpoint",
     "atomic_torch_save",
 ]
