@@ -301,6 +301,8 @@ class MSAMBundleInferTask(InferTask):
                     data["foreground"][None].to(device),
                     data["background"][None].to(device),
                     initial_mask=start_mask,
+                    click_windows=data.get("click_windows"),
+                    click_groups=data.get("click_groups"),
                 )
             data["pred"] = pred[0].detach().to("cpu")
             predicted = time.perf_counter()

@@ -18,6 +18,7 @@ from .cuda_graphs import DEFAULT_CLICK_BUCKETS, CUDAGraphRunner
 
 ClickList = Sequence[Sequence[int]] | torch.Tensor | None
 CLICK_MODES = ("sequential", "cumulative", "together")
+OUTSIDE_LOGIT = -100.0  # logits where no click window reaches (several windows): certainly background
 
 
 class ClickHistory(NamedTuple):
@@ -141,6 +142,12 @@ class ClickInferer(Inferer):
     empty mask: it enters as the first mask prompt (:func:`~msam_components.networks.click_prompt.mask_prompt`, logits
     of +-``initial_mask_scale``), exactly where the loop feeds back its own predictions, and the clicks follow. Without
     clicks the model's reading of the mask alone is returned.
+
+    ``click_windows`` (``[G, 3]`` window starts in the input, from ``CropOrPadAroundClicksd(multi_window=True)``) with
+    ``click_groups`` (the window of each foreground click) segments clicks too far apart for one window: each window
+    gets its group's foreground clicks and every background click inside it, the windows run one after the other
+    (batch 1), and the logits are merged by maximum into an input-sized map (``OUTSIDE_LOGIT`` where no window
+    reaches).
     """
 
     def __init__(
@@ -195,14 +202,25 @@ class ClickInferer(Inferer):
         background: ClickList = None,
         cache_key: str | None = None,
         initial_mask: torch.Tensor | None = None,
+        click_windows: torch.Tensor | None = None,
+        click_groups: torch.Tensor | None = None,
         *args: object,
         **kwargs: object,
     ) -> torch.Tensor:
         network = getattr(network, "module", network)
         if isinstance(inputs, MetaTensor):  # run on plain tensors; the logits get the input's meta back for Invertd
             mask = initial_mask.as_tensor() if isinstance(initial_mask, MetaTensor) else initial_mask
-            logits = self(inputs.as_tensor(), network, foreground, background, cache_key, mask)
+            logits = self(
+                inputs.as_tensor(), network, foreground, background, cache_key, mask, click_windows, click_groups
+            )
             return MetaTensor(logits, meta=inputs.meta, applied_operations=inputs.applied_operations)
+        window = (network.image_size,) * 3
+        if click_windows is not None and (
+            len(torch.as_tensor(click_windows).reshape(-1, 3)) > 1 or tuple(inputs.shape[2:]) != window
+        ):
+            return self._several_windows(
+                inputs, network, foreground, background, initial_mask, click_windows, click_groups
+            )
         batch, device = inputs.shape[0], inputs.device
         fg = _as_points(foreground, batch, device, "foreground")
         bg = _as_points(background, batch, device, "background")
@@ -246,6 +264,49 @@ class ClickInferer(Inferer):
         if reuse:
             self.cache.put_history(key, ClickHistory(points, labels, steps, start_id))
         return network.upsample(low_res)
+
+    def _several_windows(
+        self,
+        inputs: torch.Tensor,
+        network: MSAM,
+        foreground: ClickList,
+        background: ClickList,
+        initial_mask: torch.Tensor | None,
+        click_windows: torch.Tensor,
+        click_groups: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One model window per group of clicks, merged by maximum into logits of the input's size (batch 1)."""
+        if inputs.shape[0] != 1:
+            raise ValueError(f"several click windows need a batch of 1, got {inputs.shape[0]}")
+        device, size = inputs.device, network.image_size
+        fg = _as_points(foreground, 1, device, "foreground")[0]
+        bg = _as_points(background, 1, device, "background")[0]
+        starts = torch.as_tensor(click_windows, device=device).reshape(-1, 3).long()
+        groups = (
+            torch.zeros(len(fg), dtype=torch.long, device=device)
+            if click_groups is None
+            else torch.as_tensor(click_groups, device=device).reshape(-1).long()
+        )
+        if len(groups) != len(fg):
+            raise ValueError(f"click_groups has {len(groups)} entries for {len(fg)} foreground clicks")
+        extent = torch.tensor(inputs.shape[2:], device=device)
+        if (starts < 0).any() or (starts + size > extent).any():
+            raise ValueError(
+                f"click windows {starts.tolist()} of {size}^3 do not lie inside the input {list(extent.tolist())}"
+            )
+        merged = inputs.new_full((1, 1, *inputs.shape[2:]), OUTSIDE_LOGIT)
+        steps = 0
+        for g, start in enumerate(starts):
+            region = (..., *(slice(int(a), int(a) + size) for a in start))
+            inside = ((bg >= start) & (bg < start + size)).all(dim=1)
+            mask = None if initial_mask is None else torch.as_tensor(initial_mask, device=device)[region]
+            logits = self(
+                inputs[region], network, (fg[groups == g] - start)[None], (bg[inside] - start)[None], None, mask
+            )
+            steps += self.last_decode_steps
+            merged[region] = torch.maximum(merged[region], logits)
+        self.last_decode_steps = steps
+        return merged
 
     def _start_prompt(self, inputs: torch.Tensor, network: MSAM, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The first mask prompt: ``initial_mask`` as low-res logits (None without one), shape-checked."""

@@ -22,6 +22,8 @@ from monai.transforms import Crop, InvertibleTransform, MapTransform, Pad, Rando
 from monai.utils import ensure_tuple_rep
 
 __all__ = [
+    "box_from_extent",
+    "group_clicks",
     "CropOrPadAroundClicksd",
     "CropOrPadAroundLabeld",
     "CropPadBox",
@@ -95,6 +97,41 @@ def compute_crop_or_pad_box(
         pad_before.append(c_start - start)
         pad_after.append(start + roi - c_end)
     return CropPadBox(*(tuple(v) for v in (window_start, crop_start, crop_end, pad_before, pad_after)))
+
+
+def box_from_extent(spatial_shape: Sequence[int], start: Sequence[int], size: Sequence[int]) -> CropPadBox:
+    """The box of ``size`` voxels beginning at ``start`` (may lie partly outside the image: that part is padding)."""
+    crop_start = [max(int(a), 0) for a in start]
+    crop_end = [min(int(a) + int(n), int(s)) for a, n, s in zip(start, size, spatial_shape)]
+    return CropPadBox(
+        tuple(int(a) for a in start),
+        tuple(crop_start),
+        tuple(crop_end),
+        tuple(c - int(a) for c, a in zip(crop_start, start)),
+        tuple(int(a) + int(n) - e for a, n, e in zip(start, size, crop_end)),
+    )
+
+
+def group_clicks(points: torch.Tensor, roi_size: Sequence[int], margin: Sequence[int]) -> torch.Tensor:
+    """Group ``[N, 3]`` clicks, in order, so that each group spans at most ``roi - 2 * margin`` voxels per axis (one
+    model window with context around it); a click joins the first group it fits. Returns the group of each click."""
+    limit = torch.tensor([int(r) - 2 * int(m) - 1 for r, m in zip(roi_size, margin)], dtype=torch.int64)
+    if (limit < 0).any():
+        raise ValueError(f"margin {tuple(margin)} leaves no room in the window {tuple(roi_size)}")
+    lows: list[torch.Tensor] = []
+    highs: list[torch.Tensor] = []
+    groups = []
+    for point in points.to(torch.int64):
+        for g, (lo, hi) in enumerate(zip(lows, highs)):
+            if bool((torch.maximum(hi, point) - torch.minimum(lo, point) <= limit).all()):
+                lows[g], highs[g] = torch.minimum(lo, point), torch.maximum(hi, point)
+                groups.append(g)
+                break
+        else:
+            lows.append(point.clone())
+            highs.append(point.clone())
+            groups.append(len(lows) - 1)
+    return torch.tensor(groups, dtype=torch.int64)
 
 
 def _spatial_size_tuple(spatial_size: int | Sequence[int]) -> tuple[int, ...]:
@@ -355,6 +392,13 @@ class CropOrPadAroundClicksd(_CropOrPadd):
     :class:`MapClicksToImaged`); they are rewritten as int64 ``[N, 3]`` indices into the window. A ValueError is
     raised, before anything is cropped, when a click falls outside the window: the model only sees ``spatial_size``
     voxels. Invertible for the image keys (``Invertd``); the clicks are not inverted.
+
+    With ``multi_window`` nothing is refused for being far apart: the foreground clicks (or, without any, all clicks)
+    are grouped so that each group fits one window with a margin of ``spatial_size // 8`` (:func:`group_clicks`), each
+    group gets a window centred on its clicks, and the crop is the box holding every window. ``windows_key`` then holds
+    each window's start in the box (int64 ``[G, 3]``) and ``groups_key`` the window of each foreground click (``[N]``);
+    ``ClickInferer`` runs the model once per window and merges. Clicks that fit one window take the path above, with
+    one window at ``[0, 0, 0]``.
     """
 
     def __init__(
@@ -365,9 +409,13 @@ class CropOrPadAroundClicksd(_CropOrPadd):
         center: str = "foreground",
         mode: str | Sequence[str] = "constant",
         allow_missing_keys: bool = False,
+        multi_window: bool = False,
+        windows_key: Hashable = "click_windows",
+        groups_key: Hashable = "click_groups",
     ) -> None:
         """Configure the image keys, the click keys (the first one is the foreground) and how the centre is chosen."""
         _CropOrPadd.__init__(self, keys, spatial_size, mode, allow_missing_keys)
+        self.multi_window, self.windows_key, self.groups_key = bool(multi_window), windows_key, groups_key
         self.click_keys = tuple(click_keys)
         if not self.click_keys:
             raise ValueError("click_keys must name at least one key")
@@ -395,6 +443,8 @@ class CropOrPadAroundClicksd(_CropOrPadd):
             for key, pts in shifted.items()
         }
         outside = {key: pts for key, pts in outside.items() if pts}
+        if outside and self.multi_window:
+            return self._several_windows(d, clicks, fg, every, shape)
         if outside:
             raise ValueError(
                 f"the clicks span more than the {'x'.join(map(str, self.spatial_size))} field of view the model "
@@ -403,6 +453,35 @@ class CropOrPadAroundClicksd(_CropOrPadd):
                 " centred on the clicks; place all clicks closer together"
             )
         d.update(shifted)
+        if self.multi_window:
+            d[self.windows_key] = torch.zeros((1, SPATIAL_DIMS), dtype=torch.int64)
+            d[self.groups_key] = torch.zeros(len(fg), dtype=torch.int64)
+        return self._apply(d, box)
+
+    def _several_windows(
+        self,
+        d: dict[Hashable, object],
+        clicks: dict[Hashable, torch.Tensor],
+        fg: torch.Tensor,
+        every: torch.Tensor,
+        shape: tuple[int, ...],
+    ) -> dict[Hashable, object]:
+        """Crop the box that holds one window per group of clicks; record the windows and the clicks' groups."""
+        anchors = fg if len(fg) else every
+        margin = [r // 8 for r in self.spatial_size]
+        groups = group_clicks(anchors, self.spatial_size, margin)
+        starts = []
+        for g in range(int(groups.max()) + 1):
+            pts = anchors[groups == g].to(torch.float64)
+            centre = ((pts.min(dim=0).values + pts.max(dim=0).values) / 2).tolist()
+            starts.append(compute_crop_or_pad_box(shape, centre, self.spatial_size).window_start)
+        start = torch.tensor(starts, dtype=torch.int64)
+        low = start.min(dim=0).values
+        high = (start + torch.tensor(self.spatial_size, dtype=torch.int64)).max(dim=0).values
+        box = box_from_extent(shape, low.tolist(), (high - low).tolist())
+        d.update({key: box.to_window(pts) for key, pts in clicks.items()})
+        d[self.windows_key] = start - low
+        d[self.groups_key] = groups if len(fg) else torch.zeros(0, dtype=torch.int64)
         return self._apply(d, box)
 
     def _fov_mm(self, d: Mapping[Hashable, object]) -> str:
