@@ -738,3 +738,15 @@ def test_edit_flow_starts_from_the_uploaded_label(server: dict, tmp_path: Path) 
     sneaky = _infer_with_label(server, {**clicks, "initial_mask": str(current)}, None)
     assert sneaky.status_code == 400 and "initial_mask" in sneaky.json()["detail"]
     assert _leftovers(server) == []
+
+
+def test_clicks_on_lesions_far_apart_get_one_window_each(server: dict) -> None:
+    """Two foreground clicks 250 voxels apart (the test model's window is 96 mm): served, in the image's geometry."""
+    import nibabel as nib
+
+    far = _infer_image(server, "big_case", {"foreground": [[110, 110, 90], [190, 190, 150]]})
+    assert far.status_code == 200, far.text
+    assert far.json()["decode_steps"] == 2  # one click in each of the two windows
+    outside = _infer_image(server, "big_case", {"foreground": [[110, 110, 90], [400, 190, 150]]})
+    assert outside.status_code == 400 and "outside the image" in outside.json()["detail"]
+    assert nib.load(str(server["studies"] / "big_case.nii")).shape == BIG_SHAPE
