@@ -137,3 +137,61 @@ def test_far_apart_tumours_are_segmented_in_the_input_geometry(geometry: str, ch
     result = nib.load(str(written[0]))
     assert result.shape == shape
     np.testing.assert_allclose(result.affine, GEOMETRIES[geometry], atol=1e-5)
+
+
+def test_click_instances_number_the_clicked_lesions_in_click_order() -> None:
+    from msam_components.transforms import ClickInstancesd, click_instances
+
+    mask = np.zeros((20, 20, 20), dtype=np.uint8)
+    mask[2:5, 2:5, 2:5] = 1  # clicked second
+    mask[10:14, 10:14, 10:14] = 1  # clicked first (twice)
+    mask[16:18, 2:4, 2:4] = 1  # never clicked
+    values = click_instances(mask, np.array([[11, 11, 11], [3, 3, 3], [12, 12, 12], [0, 19, 0]]))
+    assert values[11, 11, 11] == 1 and values[3, 3, 3] == 2 and values[17, 3, 3] == 3
+    assert set(np.unique(values).tolist()) == {0, 1, 2, 3} and ((values > 0) == (mask > 0)).all()
+    out = ClickInstancesd(keys="pred", clicks=[[3, 3, 3]])({"pred": torch.as_tensor(mask[None])})["pred"]
+    assert out[0, 3, 3, 3] == 1 and out[0, 11, 11, 11] == 2
+    off = ClickInstancesd(keys="pred", clicks=[[3, 3, 3]], enabled=False)({"pred": torch.as_tensor(mask[None])})["pred"]
+    assert torch.equal(off, torch.as_tensor(mask[None]))
+    with pytest.raises(ValueError, match="outside the mask"):
+        click_instances(mask, np.array([[25, 0, 0]]))
+
+
+def test_bundle_inference_writes_one_value_per_clicked_lesion(checkpoint: Path, tmp_path: Path) -> None:
+    """--instances true: one value per clicked object, in click order. The random tiny model predicts nothing, so the
+    threshold is put between the windows' logits and the logit where no window reaches: the mask is then exactly the
+    two windows (two objects; the union box covers this image, so nothing is zero-filled), which also checks where
+    the windows land in the input geometry."""
+    shape = (160, 40, 24)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
+    centres = [[20, 20, 12], [140, 20, 12]]
+    image = np.where(sum(((grid - np.reshape(c, (3, 1, 1, 1))) ** 2).sum(0) <= 16 for c in centres) > 0, 90, 30)
+    path = tmp_path / "image.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.int16), GEOMETRIES["ras"]), str(path))
+    results = {}
+    for instances in (False, True):
+        out = tmp_path / f"out_{instances}"
+        wf = ConfigWorkflow(
+            config_file=[str(BUNDLE / "configs" / "inference.yaml"), str(SMALL)],
+            workflow_type="infer",
+            bundle_root=str(BUNDLE),
+            image_path=str(path),
+            foreground=centres,
+            background=[],
+            ckpt_path=str(checkpoint),
+            output_dir=str(out),
+            instances=instances,
+            pred_threshold=OUTSIDE_LOGIT / 2,
+        )
+        wf.initialize()
+        wf.run()
+        wf.finalize()
+        results[instances] = np.asarray(nib.load(str(next(out.glob("*_seg.nii.gz")))).dataobj)
+    from msam_components.transforms import click_instances
+
+    np.testing.assert_array_equal(results[True], click_instances(results[False], np.array(centres)))
+    from scipy import ndimage
+
+    assert ndimage.label(results[False])[1] == 2  # one object per window: the windows did not merge
+    assert results[True][tuple(centres[0])] == 1 and results[True][tuple(centres[1])] == 2
+    assert results[True][80, 20, 12] == 0  # between the windows

@@ -23,7 +23,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, SaveImaged, Spacing, Spacingd
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from msam_components.transforms import CropOrPadAroundClicksd, MapClicksToImaged, PasteWindowd
+from msam_components.transforms import ClickInstancesd, CropOrPadAroundClicksd, MapClicksToImaged, PasteWindowd
 from msam_components.transforms.paste import mask_volume, zero_preserving
 
 from .guard import Limits, check_voxels
@@ -219,7 +219,8 @@ class MSAMBundleInferTask(InferTask):
         if self.device:
             parser["device"] = f"$torch.device('{self.device}')"
         post = parser.get_parsed_content("postprocessing")
-        transforms = [t for t in post.transforms if not isinstance(t, SaveImaged)]
+        # the task answers a binary label (its one label value is 1): no file writing, no instance numbering
+        transforms = [t for t in post.transforms if not isinstance(t, (SaveImaged, ClickInstancesd))]
         if transforms and isinstance(transforms[0], PasteWindowd) and zero_preserving(transforms[1:]):
             transforms[0].box_only = True  # threshold the window's box, paste a uint8 mask: no full-size float volume
         parser["initial_label"] = [1]  # an uploaded label is in this task's convention: the lesion is 1, as returned

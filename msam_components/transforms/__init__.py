@@ -4,6 +4,7 @@ from .click_sampling import PADDING_LABEL, Click, error_regions, sample_click, s
 from .click_simulator import ClickSimulator
 from .clicks import SimulateClickd
 from .damage import DamageMaskd, damage_mask
+from .instances import ClickInstancesd, click_instances
 from .intensity import NormalizeIntensityAboved
 from .paste import PasteWindowd, paste_window, window_geometry
 from .resample import SeparableSpacingd
@@ -20,6 +21,7 @@ from .validation import NamedNibabelReader, ValidateVolumesd, WarnEmptyMaskd, Wa
 __all__ = [
     "PADDING_LABEL",
     "Click",
+    "ClickInstancesd",
     "ClickSimulator",
     "CropOrPadAroundClicksd",
     "CropOrPadAroundLabeld",
@@ -34,6 +36,7 @@ __all__ = [
     "ValidateVolumesd",
     "WarnEmptyMaskd",
     "WarnIfNotHounsfieldd",
+    "click_instances",
     "compute_crop_or_pad_box",
     "damage_mask",
     "error_regions",
