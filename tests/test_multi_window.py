@@ -195,3 +195,32 @@ def test_bundle_inference_writes_one_value_per_clicked_lesion(checkpoint: Path, 
     assert ndimage.label(results[False])[1] == 2  # one object per window: the windows did not merge
     assert results[True][tuple(centres[0])] == 1 and results[True][tuple(centres[1])] == 2
     assert results[True][80, 20, 12] == 0  # between the windows
+
+
+def test_grow_windows_widens_the_crop_and_keeps_the_input_geometry(checkpoint: Path, tmp_path: Path) -> None:
+    """--grow_windows 2 on a lesion longer than the test model's 96 mm window (the growth itself: test_grow_windows)."""
+    shape = (160, 40, 24)
+    image = np.full(shape, 30, dtype=np.int16)
+    image[10:150, 15:25, 8:16] = 90  # 210 mm long
+    path = tmp_path / "image.nii.gz"
+    nib.save(nib.Nifti1Image(image, GEOMETRIES["lps"]), str(path))
+    wf = ConfigWorkflow(
+        config_file=[str(BUNDLE / "configs" / "inference.yaml"), str(SMALL)],
+        workflow_type="infer",
+        bundle_root=str(BUNDLE),
+        image_path=str(path),
+        foreground=[[20, 20, 12]],
+        background=[],
+        ckpt_path=str(checkpoint),
+        output_dir=str(tmp_path / "out"),
+        grow_windows=2,
+    )
+    wf.initialize()
+    assert wf.parser.get_parsed_content("inferer").max_grow_windows == 2
+    item = wf.dataset[0]
+    assert item["image"].shape[1] == 32 + 32  # one window plus 2 half-windows on the side where the image goes on
+    wf.run()
+    wf.finalize()
+    result = nib.load(str(next((tmp_path / "out").glob("*_seg.nii.gz"))))
+    assert result.shape == shape
+    np.testing.assert_allclose(result.affine, GEOMETRIES["lps"], atol=1e-5)

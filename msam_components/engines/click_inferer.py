@@ -8,9 +8,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
+from scipy import ndimage
 
 from ..networks.click_prompt import mask_prompt
 from ..networks.msam import MSAM
@@ -105,6 +107,12 @@ class EmbeddingCache:
         return len(self._items)
 
 
+def _deepest(mask: torch.Tensor) -> torch.Tensor:
+    """``[1, 1, 3]``: the voxel of a ``[D, H, W]`` mask farthest from its boundary (where an annotator would click)."""
+    distance = ndimage.distance_transform_edt(np.pad(mask.detach().cpu().numpy(), 1))[1:-1, 1:-1, 1:-1]
+    return torch.tensor(np.unravel_index(int(np.argmax(distance)), distance.shape), device=mask.device).view(1, 1, 3)
+
+
 def _as_points(clicks: ClickList, batch: int, device: torch.device, name: str) -> torch.Tensor:
     """Normalise a click list (``[[d,h,w], ...]``, ``[N,3]`` or ``[B,N,3]``) to an int64 ``[B, N, 3]`` tensor."""
     if clicks is None:
@@ -147,7 +155,10 @@ class ClickInferer(Inferer):
     ``click_groups`` (the window of each foreground click) segments clicks too far apart for one window: each window
     gets its group's foreground clicks and every background click inside it, the windows run one after the other
     (batch 1), and the logits are merged by maximum into an input-sized map (``OUTSIDE_LOGIT`` where no window
-    reaches).
+    reaches). With ``max_grow_windows`` a lesion that leaves its window is followed: wherever the mask so far
+    (logits > ``grow_threshold``) touches a window face that is not the input's edge, a window shifted by half a window
+    across that face is added, seeded with the mask so far (as its starting mask) and a positive click at the seed's
+    deepest voxel, until no face is touched or ``max_grow_windows`` windows were added (``last_grown_windows``).
     """
 
     def __init__(
@@ -158,8 +169,14 @@ class ClickInferer(Inferer):
         cuda_graphs: bool = True,
         click_buckets: Sequence[int] = DEFAULT_CLICK_BUCKETS,
         initial_mask_scale: float = 4.0,
+        max_grow_windows: int = 0,
+        grow_threshold: float = 0.5,
     ) -> None:
         super().__init__()
+        if isinstance(max_grow_windows, bool) or not isinstance(max_grow_windows, int) or max_grow_windows < 0:
+            raise ValueError(f"max_grow_windows must be a non-negative integer, got {max_grow_windows!r}")
+        self.max_grow_windows, self.grow_threshold = max_grow_windows, float(grow_threshold)
+        self.last_grown_windows = 0
         if not initial_mask_scale > 0:
             raise ValueError(f"initial_mask_scale must be > 0, got {initial_mask_scale!r}")
         self.initial_mask_scale = float(initial_mask_scale)
@@ -305,8 +322,40 @@ class ClickInferer(Inferer):
             )
             steps += self.last_decode_steps
             merged[region] = torch.maximum(merged[region], logits)
+        steps += self._grow(inputs, network, merged, [tuple(int(a) for a in s) for s in starts], bg)
         self.last_decode_steps = steps
         return merged
+
+    def _grow(
+        self, inputs: torch.Tensor, network: MSAM, merged: torch.Tensor, starts: list[tuple[int, ...]], bg: torch.Tensor
+    ) -> int:
+        """Add windows along the mask where it leaves its windows (see the class doc); returns the decode steps."""
+        self.last_grown_windows = 0
+        size, extent = network.image_size, [int(n) for n in inputs.shape[2:]]
+        seen, frontier, steps = set(starts), list(starts), 0
+        while frontier and self.last_grown_windows < self.max_grow_windows:
+            start = frontier.pop(0)
+            window = (..., *(slice(a, a + size) for a in start))
+            inside = merged[window][0, 0] > self.grow_threshold
+            for axis in range(3):
+                for side in (-1, 1):
+                    face = inside.select(axis, 0 if side < 0 else size - 1)
+                    new = list(start)
+                    new[axis] = min(max(start[axis] + side * (size // 2), 0), extent[axis] - size)
+                    if not bool(face.any()) or tuple(new) in seen or self.last_grown_windows >= self.max_grow_windows:
+                        continue
+                    region = (..., *(slice(a, a + size) for a in new))
+                    seed = merged[region] > self.grow_threshold
+                    origin = torch.tensor(new, device=inputs.device)
+                    click = _deepest(seed[0, 0])
+                    in_window = ((bg >= origin) & (bg < origin + size)).all(dim=1)
+                    logits = self(inputs[region], network, click, (bg[in_window] - origin)[None], None, seed)
+                    merged[region] = torch.maximum(merged[region], logits)
+                    steps += self.last_decode_steps
+                    seen.add(tuple(new))
+                    frontier.append(tuple(new))
+                    self.last_grown_windows += 1
+        return steps
 
     def _start_prompt(self, inputs: torch.Tensor, network: MSAM, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The first mask prompt: ``initial_mask`` as low-res logits (None without one), shape-checked."""

@@ -398,7 +398,8 @@ class CropOrPadAroundClicksd(_CropOrPadd):
     group gets a window centred on its clicks, and the crop is the box holding every window. ``windows_key`` then holds
     each window's start in the box (int64 ``[G, 3]``) and ``groups_key`` the window of each foreground click (``[N]``);
     ``ClickInferer`` runs the model once per window and merges. Clicks that fit one window take the path above, with
-    one window at ``[0, 0, 0]``.
+    one window at ``[0, 0, 0]``. ``grow_margin`` (voxels, needs ``multi_window``) widens the box around the windows,
+    within the image, so that ``ClickInferer(max_grow_windows=...)`` can add windows along a lesion that leaves them.
     """
 
     def __init__(
@@ -412,10 +413,16 @@ class CropOrPadAroundClicksd(_CropOrPadd):
         multi_window: bool = False,
         windows_key: Hashable = "click_windows",
         groups_key: Hashable = "click_groups",
+        grow_margin: int = 0,
     ) -> None:
         """Configure the image keys, the click keys (the first one is the foreground) and how the centre is chosen."""
         _CropOrPadd.__init__(self, keys, spatial_size, mode, allow_missing_keys)
         self.multi_window, self.windows_key, self.groups_key = bool(multi_window), windows_key, groups_key
+        if isinstance(grow_margin, bool) or not isinstance(grow_margin, int) or grow_margin < 0:
+            raise ValueError(f"grow_margin must be a non-negative integer (voxels), got {grow_margin!r}")
+        if grow_margin and not multi_window:
+            raise ValueError("grow_margin needs multi_window=True (the grown windows are recorded as click windows)")
+        self.grow_margin = grow_margin
         self.click_keys = tuple(click_keys)
         if not self.click_keys:
             raise ValueError("click_keys must name at least one key")
@@ -443,7 +450,7 @@ class CropOrPadAroundClicksd(_CropOrPadd):
             for key, pts in shifted.items()
         }
         outside = {key: pts for key, pts in outside.items() if pts}
-        if outside and self.multi_window:
+        if (outside or self.grow_margin) and self.multi_window:
             return self._several_windows(d, clicks, fg, every, shape)
         if outside:
             raise ValueError(
@@ -478,6 +485,10 @@ class CropOrPadAroundClicksd(_CropOrPadd):
         start = torch.tensor(starts, dtype=torch.int64)
         low = start.min(dim=0).values
         high = (start + torch.tensor(self.spatial_size, dtype=torch.int64)).max(dim=0).values
+        if self.grow_margin:  # room to grow along a lesion, but never past the image (padding there holds no lesion)
+            extent = torch.tensor(shape, dtype=torch.int64)
+            low = torch.minimum(low, (low - self.grow_margin).clamp(min=0))
+            high = torch.maximum(high, torch.minimum(high + self.grow_margin, extent))
         box = box_from_extent(shape, low.tolist(), (high - low).tolist())
         d.update({key: box.to_window(pts) for key, pts in clicks.items()})
         d[self.windows_key] = start - low

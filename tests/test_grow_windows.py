@@ -1,0 +1,92 @@
+"""Lesions larger than one window (issue 13 item 3): ``ClickInferer(max_grow_windows=...)`` follows a lesion out of
+its window. The growth logic is checked with an oracle model that segments exactly the bright region connected to its
+clicks and mask prompt, so what is tested is where windows are added, what seeds them and when growth stops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from msam_components.engines import ClickInferer
+from msam_components.transforms import CropOrPadAroundClicksd
+
+S = 16
+
+
+class OracleMSAM(torch.nn.Module):
+    """The MSAM interface the inferer uses; decode returns +8 on the bright voxels connected to a positive click or
+    to the mask prompt, -8 elsewhere."""
+
+    image_size = S
+    low_res_size = (S, S, S)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def prepare_embedding(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"image": embedding}
+
+    def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
+        return low_res
+
+    def decode(self, state, points, labels, low_res):
+        bright = state["image"][0, 0].numpy() > 0
+        seeds = np.zeros_like(bright)
+        if low_res is not None:
+            seeds |= low_res[0, 0].numpy() > 0
+        if points is not None:
+            for p, l in zip(points[0].tolist(), labels[0].tolist()):
+                if l == 1:
+                    seeds[tuple(p)] = True
+        objects, _ = ndimage.label(bright)
+        keep = np.isin(objects, np.unique(objects[seeds & bright])) & (objects > 0)
+        return torch.where(torch.as_tensor(keep), 8.0, -8.0)[None, None]
+
+
+def _run(image: torch.Tensor, click: list[int], grow: int) -> tuple[torch.Tensor, ClickInferer]:
+    crop = CropOrPadAroundClicksd(keys="image", spatial_size=S, center="first", multi_window=True, grow_margin=3 * S)
+    data = crop({"image": image, "foreground": [click], "background": []})
+    inferer = ClickInferer(mode="cumulative", max_grow_windows=grow)
+    with torch.no_grad():
+        logits = inferer(
+            data["image"][None],
+            OracleMSAM(),
+            data["foreground"][None],
+            data["background"][None],
+            click_windows=data["click_windows"],
+            click_groups=data["click_groups"],
+        )
+    return logits[0, 0] > 0, inferer
+
+
+def test_a_lesion_longer_than_the_window_is_followed_to_its_end() -> None:
+    image = -torch.ones(1, 64, 24, 24)
+    image[0, 6:58, 8:14, 8:14] = 1.0  # a tube 52 voxels long, the window is 16
+    lesion = image[0] > 0
+    one, _ = _run(image, [10, 10, 10], grow=0)
+    assert 0 < one.sum() < lesion.sum()  # one window: the tube is cut at the window's face
+    grown, inferer = _run(image, [10, 10, 10], grow=8)
+    assert torch.equal(grown, lesion) and inferer.last_grown_windows >= 4
+
+
+def test_growth_stops_at_the_limit_and_at_the_image_border() -> None:
+    image = -torch.ones(1, 64, 24, 24)
+    image[0, 0:64, 8:14, 8:14] = 1.0  # the tube runs from border to border
+    limited, inferer = _run(image, [2, 10, 10], grow=2)
+    assert inferer.last_grown_windows == 2 and 0 < limited.sum() < (image[0] > 0).sum()
+    full, inferer = _run(image, [2, 10, 10], grow=20)
+    assert torch.equal(full, image[0] > 0)
+    assert inferer.last_grown_windows < 20  # stopped because the lesion ends at the image's edges, not at the limit
+
+
+def test_no_growth_for_a_lesion_inside_its_window() -> None:
+    image = -torch.ones(1, 64, 24, 24)
+    image[0, 20:26, 8:14, 8:14] = 1.0
+    mask, inferer = _run(image, [22, 10, 10], grow=8)
+    assert torch.equal(mask, image[0] > 0) and inferer.last_grown_windows == 0
+    with pytest.raises(ValueError, match="max_grow_windows"):
+        ClickInferer(max_grow_windows=-1)
+    with pytest.raises(ValueError, match="grow_margin needs multi_window"):
+        CropOrPadAroundClicksd(grow_margin=4)
