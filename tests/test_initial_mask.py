@@ -133,10 +133,20 @@ def _workflow(image: Path, click: list[int], ckpt: Path, out: Path, **extra) -> 
     return wf
 
 
+def _oblique(zooms: tuple[float, float, float], degrees: float = 20.0) -> np.ndarray:
+    """An affine rotated about the scanner's z axis (an oblique acquisition)."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag(zooms)
+    affine[:3, 3] = [-30.0, 12.0, 5.0]
+    return affine
+
+
 GEOMETRIES = {
     "ras_anisotropic": np.diag([1.5, 1.5, 2.5, 1.0]),
     "lps": np.diag([-1.2, -1.2, 3.0, 1.0]),
     "ipl_permuted": np.array([[0, 0, -2.0, 0], [0, -1.5, 0, 0], [-1.5, 0, 0, 0], [0, 0, 0, 1.0]]),
+    "oblique": _oblique((1.5, 1.5, 2.5)),
 }
 
 

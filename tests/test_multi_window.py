@@ -97,10 +97,20 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _oblique(zooms: tuple[float, float, float], degrees: float = 20.0) -> np.ndarray:
+    """An affine rotated about the scanner's z axis (an oblique acquisition)."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag(zooms)
+    affine[:3, 3] = [-30.0, 12.0, 5.0]
+    return affine
+
+
 GEOMETRIES = {
     "ras": np.diag([1.5, 1.5, 2.5, 1.0]),
     "lps": np.diag([-1.5, -1.5, 2.5, 1.0]),
     "ipl_permuted": np.array([[0, 0, -2.5, 0], [0, -1.5, 0, 0], [-1.5, 0, 0, 0], [0, 0, 0, 1.0]]),
+    "oblique": _oblique((1.5, 1.5, 2.5)),
 }
 
 
@@ -224,3 +234,19 @@ def test_grow_windows_widens_the_crop_and_keeps_the_input_geometry(checkpoint: P
     result = nib.load(str(next((tmp_path / "out").glob("*_seg.nii.gz"))))
     assert result.shape == shape
     np.testing.assert_allclose(result.affine, GEOMETRIES["lps"], atol=1e-5)
+
+
+def test_overlapping_windows_merge_by_maximum(tiny: MSAM) -> None:
+    """Where two windows overlap, the merged logits are the larger of the two windows' logits."""
+    torch.manual_seed(3)
+    box = torch.randn(1, 1, 48, 32, 32)
+    fg, groups = torch.tensor([[[8, 16, 16], [40, 16, 16]]]), torch.tensor([[0, 1]])
+    with torch.no_grad():
+        merged = ClickInferer(mode="cumulative")(
+            box, tiny, fg, None, click_windows=torch.tensor([[0, 0, 0], [16, 0, 0]]), click_groups=groups
+        )
+        a = ClickInferer(mode="cumulative")(box[..., 0:32, :, :], tiny, [[8, 16, 16]], None)
+        b = ClickInferer(mode="cumulative")(box[..., 16:48, :, :], tiny, [[24, 16, 16]], None)
+    torch.testing.assert_close(merged[..., 0:16, :, :], a[..., 0:16, :, :])
+    torch.testing.assert_close(merged[..., 16:32, :, :], torch.maximum(a[..., 16:32, :, :], b[..., 0:16, :, :]))
+    torch.testing.assert_close(merged[..., 32:48, :, :], b[..., 16:32, :, :])
