@@ -230,7 +230,10 @@ class _BlobInferer:
         self.cache = type("Cache", (), {"misses": 0})()
         self.last_decode_steps = 1
 
-    def __call__(self, image: MetaTensor, network: object, fg: torch.Tensor, bg: torch.Tensor) -> MetaTensor:
+    def __call__(
+        self, image: MetaTensor, network: object, fg: torch.Tensor, bg: torch.Tensor, **window: object
+    ) -> MetaTensor:
+        assert window.get("initial_mask") is None and len(window["click_windows"]) == 1  # one window, no mask
         logits = _ball_logits(tuple(image.shape[2:]), fg[0, 0], 3.0, 0.5)
         return MetaTensor(logits[None], meta=image.meta, applied_operations=image.applied_operations)
 
