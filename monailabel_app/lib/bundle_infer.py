@@ -218,12 +218,14 @@ class MSAMBundleInferTask(InferTask):
         parser["output_dir"] = tempfile.gettempdir()
         if self.device:
             parser["device"] = f"$torch.device('{self.device}')"
+        parser["initial_label"] = [1]  # an uploaded label is in this task's convention: the lesion is 1, as returned
+        # every setting above comes before any parsing: setting a value resets the parsed objects, and postprocessing
+        # must invert the very preprocessing instances the stages below run
         post = parser.get_parsed_content("postprocessing")
         # the task answers a binary label (its one label value is 1): no file writing, no instance numbering
         transforms = [t for t in post.transforms if not isinstance(t, (SaveImaged, ClickInstancesd))]
         if transforms and isinstance(transforms[0], PasteWindowd) and zero_preserving(transforms[1:]):
             transforms[0].box_only = True  # threshold the window's box, paste a uint8 mask: no full-size float volume
-        parser["initial_label"] = [1]  # an uploaded label is in this task's convention: the lesion is 1, as returned
         preprocessing = parser.get_parsed_content("preprocessing")
         image_stage, click_stage = split_preprocessing(preprocessing)
         mask_stage = Compose([t for t in image_stage.transforms if INITIAL_MASK in getattr(t, "keys", ())])
