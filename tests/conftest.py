@@ -131,3 +131,40 @@ def write_nifti(path: Path, data, affine=None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
     return path
+
+
+def oblique_affine(zooms: tuple[float, float, float], degrees: float = 20.0) -> "np.ndarray":
+    """An affine rotated about the scanner's z axis (an oblique acquisition)."""
+    import numpy as np
+
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag(zooms)
+    affine[:3, 3] = [-30.0, 12.0, 5.0]
+    return affine
+
+
+def input_geometries() -> dict:
+    """Voxel-to-world affines the inference tests run on: anisotropic RAS, LPS, a permuted IPL and an oblique one."""
+    import numpy as np
+
+    return {
+        "ras": np.diag([1.5, 1.5, 2.5, 1.0]),
+        "lps": np.diag([-1.5, -1.5, 2.5, 1.0]),
+        "ipl_permuted": np.array([[0, 0, -2.5, 0], [0, -1.5, 0, 0], [-1.5, 0, 0, 0], [0, 0, 0, 1.0]]),
+        "oblique": oblique_affine((1.5, 1.5, 2.5)),
+    }
+
+
+@pytest.fixture(scope="session")
+def small_bundle_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random weights of the tiny test network (``tests/configs/small_bundle.yaml`` on the KiTS19 inference config)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    configs = REPO_ROOT / "bundles" / "msam_kits19" / "configs"
+    parser.read_config([str(configs / "inference.yaml"), str(REPO_ROOT / "tests" / "configs" / "small_bundle.yaml")])
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("small_bundle_ckpt") / "model.pt"
+    torch.save(parser.get_parsed_content("network_def").state_dict(), path)
+    return path

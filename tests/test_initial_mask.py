@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import small_msam_kwargs
+from conftest import input_geometries, small_msam_kwargs
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from msam_components.engines import ClickInferer
@@ -92,17 +92,6 @@ def test_click_history_is_not_reused_across_starting_masks(tiny: MSAM) -> None:
 # ---- through the bundle's inference.yaml ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny test network's random weights as a checkpoint the inference config accepts."""
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / "inference.yaml"), str(SMALL)])
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save(parser.get_parsed_content("network_def").state_dict(), path)
-    return path
-
-
 def _case(root: Path, affine: np.ndarray, shape=(40, 36, 24)) -> tuple[Path, Path, list[int]]:
     """A CT-like image and a KiTS19-style label map (1 kidney, 2 tumour) on the same grid; a click in the tumour."""
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
@@ -133,29 +122,17 @@ def _workflow(image: Path, click: list[int], ckpt: Path, out: Path, **extra) -> 
     return wf
 
 
-def _oblique(zooms: tuple[float, float, float], degrees: float = 20.0) -> np.ndarray:
-    """An affine rotated about the scanner's z axis (an oblique acquisition)."""
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    affine = np.eye(4)
-    affine[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag(zooms)
-    affine[:3, 3] = [-30.0, 12.0, 5.0]
-    return affine
-
-
-GEOMETRIES = {
-    "ras_anisotropic": np.diag([1.5, 1.5, 2.5, 1.0]),
-    "lps": np.diag([-1.2, -1.2, 3.0, 1.0]),
-    "ipl_permuted": np.array([[0, 0, -2.0, 0], [0, -1.5, 0, 0], [-1.5, 0, 0, 0], [0, 0, 0, 1.0]]),
-    "oblique": _oblique((1.5, 1.5, 2.5)),
-}
+GEOMETRIES = input_geometries()
 
 
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
-def test_bundle_inference_edits_a_given_mask_in_the_input_geometry(geometry: str, checkpoint: Path, tmp_path: Path):
+def test_bundle_inference_edits_a_given_mask_in_the_input_geometry(
+    geometry: str, small_bundle_checkpoint: Path, tmp_path: Path
+):
     """The selected labels of --initial_mask reach the inferer as the window's binary mask, aligned with the image; the
     written mask has the input's shape and affine."""
     image, seg, click = _case(tmp_path / "case", GEOMETRIES[geometry])
-    wf = _workflow(image, click, checkpoint, tmp_path / "out", initial_mask=str(seg))
+    wf = _workflow(image, click, small_bundle_checkpoint, tmp_path / "out", initial_mask=str(seg))
     item = wf.dataset[0]
     window, mask = item["image"], item["initial_mask"]
     assert mask.shape == window.shape and set(torch.unique(mask).tolist()) == {0.0, 1.0}
@@ -163,7 +140,9 @@ def test_bundle_inference_edits_a_given_mask_in_the_input_geometry(geometry: str
     centroid = torch.nonzero(mask[0] > 0).float().mean(0)
     expected = (torch.tensor(window.shape[1:]).float() - 1) / 2
     assert torch.all((centroid - expected).abs() <= 1.5), (centroid.tolist(), expected.tolist())
-    kidney = _workflow(image, click, checkpoint, tmp_path / "kidney", initial_mask=str(seg), initial_label=[1])
+    kidney = _workflow(
+        image, click, small_bundle_checkpoint, tmp_path / "kidney", initial_mask=str(seg), initial_label=[1]
+    )
     assert not torch.equal(kidney.dataset[0]["initial_mask"], mask)
     batch = next(iter(wf.parser.get_parsed_content("dataloader")))
     _, _, _, kwargs = wf.evaluator.prepare_batch(batch, torch.device("cpu"))
@@ -178,15 +157,17 @@ def test_bundle_inference_edits_a_given_mask_in_the_input_geometry(geometry: str
 
 
 @pytest.mark.parametrize("fault", ["shape", "affine"])
-def test_initial_mask_on_another_grid_is_refused_naming_the_file(fault: str, checkpoint: Path, tmp_path: Path) -> None:
-    image, seg, click = _case(tmp_path / "case", GEOMETRIES["ras_anisotropic"])
+def test_initial_mask_on_another_grid_is_refused_naming_the_file(
+    fault: str, small_bundle_checkpoint: Path, tmp_path: Path
+) -> None:
+    image, seg, click = _case(tmp_path / "case", GEOMETRIES["ras"])
     other = tmp_path / f"other_{fault}.nii.gz"
     data = np.asarray(nib.load(str(seg)).dataobj)
     if fault == "shape":
-        nib.save(nib.Nifti1Image(data[:-2], GEOMETRIES["ras_anisotropic"]), str(other))
+        nib.save(nib.Nifti1Image(data[:-2], GEOMETRIES["ras"]), str(other))
     else:
         nib.save(nib.Nifti1Image(data, np.diag([2.0, 1.5, 2.5, 1.0])), str(other))
-    wf = _workflow(image, click, checkpoint, tmp_path / "out", initial_mask=str(other))
+    wf = _workflow(image, click, small_bundle_checkpoint, tmp_path / "out", initial_mask=str(other))
     with pytest.raises(Exception) as err:
         wf.dataset[0]
     text = "".join(str(e) for e in (err.value, err.value.__cause__) if e is not None)

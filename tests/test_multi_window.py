@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import small_msam_kwargs
+from conftest import input_geometries, small_msam_kwargs
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from msam_components.engines import ClickInferer
@@ -87,35 +87,13 @@ def test_each_window_gets_what_running_it_alone_gives(tiny: MSAM) -> None:
 # ---- through the bundle's inference.yaml ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLE / "configs" / "inference.yaml"), str(SMALL)])
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save(parser.get_parsed_content("network_def").state_dict(), path)
-    return path
-
-
-def _oblique(zooms: tuple[float, float, float], degrees: float = 20.0) -> np.ndarray:
-    """An affine rotated about the scanner's z axis (an oblique acquisition)."""
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    affine = np.eye(4)
-    affine[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag(zooms)
-    affine[:3, 3] = [-30.0, 12.0, 5.0]
-    return affine
-
-
-GEOMETRIES = {
-    "ras": np.diag([1.5, 1.5, 2.5, 1.0]),
-    "lps": np.diag([-1.5, -1.5, 2.5, 1.0]),
-    "ipl_permuted": np.array([[0, 0, -2.5, 0], [0, -1.5, 0, 0], [-1.5, 0, 0, 0], [0, 0, 0, 1.0]]),
-    "oblique": _oblique((1.5, 1.5, 2.5)),
-}
+GEOMETRIES = input_geometries()
 
 
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
-def test_far_apart_tumours_are_segmented_in_the_input_geometry(geometry: str, checkpoint: Path, tmp_path: Path):
+def test_far_apart_tumours_are_segmented_in_the_input_geometry(
+    geometry: str, small_bundle_checkpoint: Path, tmp_path: Path
+):
     """Two tumours 200 mm apart (the small test model's window is 96 mm): both clicks are used, each in its window."""
     shape = (160, 40, 24)
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"))
@@ -131,7 +109,7 @@ def test_far_apart_tumours_are_segmented_in_the_input_geometry(geometry: str, ch
         image_path=str(path),
         foreground=[c.tolist() for c in centres],
         background=[],
-        ckpt_path=str(checkpoint),
+        ckpt_path=str(small_bundle_checkpoint),
         output_dir=str(tmp_path / "out"),
     )
     wf.initialize()
@@ -167,7 +145,7 @@ def test_click_instances_number_the_clicked_lesions_in_click_order() -> None:
         click_instances(mask, np.array([[25, 0, 0]]))
 
 
-def test_bundle_inference_writes_one_value_per_clicked_lesion(checkpoint: Path, tmp_path: Path) -> None:
+def test_bundle_inference_writes_one_value_per_clicked_lesion(small_bundle_checkpoint: Path, tmp_path: Path) -> None:
     """--instances true: one value per clicked object, in click order. The random tiny model predicts nothing, so the
     threshold is put between the windows' logits and the logit where no window reaches: the mask is then exactly the
     two windows (two objects; the union box covers this image, so nothing is zero-filled), which also checks where
@@ -188,7 +166,7 @@ def test_bundle_inference_writes_one_value_per_clicked_lesion(checkpoint: Path, 
             image_path=str(path),
             foreground=centres,
             background=[],
-            ckpt_path=str(checkpoint),
+            ckpt_path=str(small_bundle_checkpoint),
             output_dir=str(out),
             instances=instances,
             pred_threshold=OUTSIDE_LOGIT / 2,
@@ -207,7 +185,9 @@ def test_bundle_inference_writes_one_value_per_clicked_lesion(checkpoint: Path, 
     assert results[True][80, 20, 12] == 0  # between the windows
 
 
-def test_grow_windows_widens_the_crop_and_keeps_the_input_geometry(checkpoint: Path, tmp_path: Path) -> None:
+def test_grow_windows_widens_the_crop_and_keeps_the_input_geometry(
+    small_bundle_checkpoint: Path, tmp_path: Path
+) -> None:
     """--grow_windows 2 on a lesion longer than the test model's 96 mm window (the growth itself: test_grow_windows)."""
     shape = (160, 40, 24)
     image = np.full(shape, 30, dtype=np.int16)
@@ -221,7 +201,7 @@ def test_grow_windows_widens_the_crop_and_keeps_the_input_geometry(checkpoint: P
         image_path=str(path),
         foreground=[[20, 20, 12]],
         background=[],
-        ckpt_path=str(checkpoint),
+        ckpt_path=str(small_bundle_checkpoint),
         output_dir=str(tmp_path / "out"),
         grow_windows=2,
     )
