@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import input_geometries, small_msam_kwargs
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigWorkflow
 
 from msam_components.engines import ClickInferer
 from msam_components.networks import MSAM
