@@ -1,15 +1,20 @@
 """M-SAM networks: image encoder, prompt encoder, mask decoder, MEA, LoRA, the model and checkpoint import."""
 
+from .builder import PRESETS, build_msam
 from .checkpoint import CheckpointError, LoadReport, load_pretrained, load_pretrained_or_warn, read_checkpoint
 from .image_encoder import ImageEncoderViT3D
 from .lora import LoRAQKV
 from .mask_decoder import MaskDecoder3D
 from .mea import MaskEnhancedAdapter
-from .msam import MSAM, count_parameters, msam_parameter_groups, set_encoder_trainable
+from .msam import MSAM, MSAMParts, build_parts, count_parameters, msam_parameter_groups, set_encoder_trainable
 from .prompt_encoder import PromptEncoder3D
 
 __all__ = [
     "MSAM",
+    "MSAMParts",
+    "PRESETS",
+    "build_msam",
+    "build_parts",
     "CheckpointError",
     "LoadReport",
     "load_pretrained",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,101 @@ _INT_ARGS = {
 ClickFn = Callable[[int, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 # feedback_fn(iteration, low-res mask prompt [B, 1, d, h, w]) -> the mask prompt to use (the same object if unchanged)
 FeedbackFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def _check_click_stamp(click_stamp: float, click_stamp_sigma: float) -> None:
+    """Refuse a negative stamp height or a non-positive width, naming both values."""
+    check_type("click_stamp", click_stamp, (int, float))
+    check_type("click_stamp_sigma", click_stamp_sigma, (int, float))
+    if click_stamp < 0 or click_stamp_sigma <= 0:
+        raise ValueError(f"click_stamp must be >= 0 and click_stamp_sigma > 0, got {click_stamp}, {click_stamp_sigma}")
+
+
+@dataclass
+class MSAMParts:
+    """The modules an :class:`MSAM` is composed of; ``mea`` is None for the SAM-Med3D decoder input (no MEA)."""
+
+    image_encoder: ImageEncoderViT3D
+    prompt_encoder: PromptEncoder3D
+    mask_decoder: MaskDecoder3D
+    mea: MaskEnhancedAdapter | None = None
+
+
+def build_parts(
+    image_size: int = 128,
+    patch_size: int = 16,
+    in_channels: int = 1,
+    encoder_embed_dim: int = 768,
+    encoder_depth: int = 12,
+    encoder_num_heads: int = 12,
+    encoder_mlp_ratio: float = 4.0,
+    encoder_global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
+    encoder_window_size: int = 14,
+    prompt_embed_dim: int = 384,
+    mask_in_chans: int = 16,
+    decoder_transformer_depth: int = 2,
+    decoder_num_heads: int = 8,
+    decoder_mlp_dim: int = 2048,
+    decoder_attention_downsample_rate: int = 2,
+    num_multimask_outputs: int = 3,
+    iou_head_depth: int = 3,
+    iou_head_hidden_dim: int = 256,
+    use_mea: bool = True,
+    mea_num_heads: int = 6,
+    mea_mlp_ratio: float = 4.0,
+    mea_num_blocks: int = 1,
+    rel_pos_layout: str = "sam-med3d",
+    attention_impl: str = "fast",
+) -> MSAMParts:
+    """Build the image encoder, prompt encoder, mask decoder and (``use_mea``) MEA of the given sizes, in that order
+    (the order of their random initialisation); the defaults are the paper's model."""
+    grid = image_size // patch_size
+    embedding_size = (grid, grid, grid)
+    return MSAMParts(
+        image_encoder=ImageEncoderViT3D(
+            image_size=image_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            embed_dim=encoder_embed_dim,
+            depth=encoder_depth,
+            num_heads=encoder_num_heads,
+            mlp_ratio=encoder_mlp_ratio,
+            out_chans=prompt_embed_dim,
+            global_attn_indexes=encoder_global_attn_indexes,
+            window_size=encoder_window_size,
+            rel_pos_layout=rel_pos_layout,
+            attention_impl=attention_impl,
+        ),
+        prompt_encoder=PromptEncoder3D(
+            embed_dim=prompt_embed_dim,
+            image_embedding_size=embedding_size,
+            input_image_size=(image_size,) * 3,
+            mask_in_chans=mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder3D(
+            transformer_dim=prompt_embed_dim,
+            num_multimask_outputs=num_multimask_outputs,
+            transformer_depth=decoder_transformer_depth,
+            transformer_num_heads=decoder_num_heads,
+            transformer_mlp_dim=decoder_mlp_dim,
+            attention_downsample_rate=decoder_attention_downsample_rate,
+            iou_head_depth=iou_head_depth,
+            iou_head_hidden_dim=iou_head_hidden_dim,
+            attention_impl=attention_impl,
+        ),
+        mea=(
+            MaskEnhancedAdapter(
+                prompt_embed_dim,
+                mea_num_heads,
+                mea_mlp_ratio,
+                embedding_size,
+                mea_num_blocks,
+                rel_pos_layout=rel_pos_layout,
+            )
+            if use_mea
+            else None
+        ),
+    )
 
 
 class MSAM(nn.Module):
@@ -110,59 +206,68 @@ class MSAM(nn.Module):
             elif name == "use_mea":
                 check_type(name, value, bool)
         self.attention_impl = check_attention_impl(attention_impl)
-        if click_stamp < 0 or click_stamp_sigma <= 0:
-            raise ValueError(
-                f"click_stamp must be >= 0 and click_stamp_sigma > 0, got {click_stamp}, {click_stamp_sigma}"
-            )
-        self.click_stamp, self.click_stamp_sigma = float(click_stamp), float(click_stamp_sigma)
-        grid = image_size // patch_size
-        self.image_size = image_size
-        self.embedding_size = (grid, grid, grid)
-        self.low_res_size = (4 * grid,) * 3
-        self.image_encoder = ImageEncoderViT3D(
+        _check_click_stamp(click_stamp, click_stamp_sigma)  # before the (slow, full-size) modules are built
+        parts = build_parts(
             image_size=image_size,
             patch_size=patch_size,
             in_channels=in_channels,
-            embed_dim=encoder_embed_dim,
-            depth=encoder_depth,
-            num_heads=encoder_num_heads,
-            mlp_ratio=encoder_mlp_ratio,
-            out_chans=prompt_embed_dim,
-            global_attn_indexes=encoder_global_attn_indexes,
-            window_size=encoder_window_size,
+            encoder_embed_dim=encoder_embed_dim,
+            encoder_depth=encoder_depth,
+            encoder_num_heads=encoder_num_heads,
+            encoder_mlp_ratio=encoder_mlp_ratio,
+            encoder_global_attn_indexes=encoder_global_attn_indexes,
+            encoder_window_size=encoder_window_size,
+            prompt_embed_dim=prompt_embed_dim,
+            mask_in_chans=mask_in_chans,
+            decoder_transformer_depth=decoder_transformer_depth,
+            decoder_num_heads=decoder_num_heads,
+            decoder_mlp_dim=decoder_mlp_dim,
+            decoder_attention_downsample_rate=decoder_attention_downsample_rate,
+            num_multimask_outputs=num_multimask_outputs,
+            iou_head_depth=iou_head_depth,
+            iou_head_hidden_dim=iou_head_hidden_dim,
+            use_mea=use_mea,
+            mea_num_heads=mea_num_heads,
+            mea_mlp_ratio=mea_mlp_ratio,
+            mea_num_blocks=mea_num_blocks,
             rel_pos_layout=rel_pos_layout,
             attention_impl=attention_impl,
         )
-        self.prompt_encoder = PromptEncoder3D(
-            embed_dim=prompt_embed_dim,
-            image_embedding_size=self.embedding_size,
-            input_image_size=(image_size,) * 3,
-            mask_in_chans=mask_in_chans,
-        )
-        self.mask_decoder = MaskDecoder3D(
-            transformer_dim=prompt_embed_dim,
-            num_multimask_outputs=num_multimask_outputs,
-            transformer_depth=decoder_transformer_depth,
-            transformer_num_heads=decoder_num_heads,
-            transformer_mlp_dim=decoder_mlp_dim,
-            attention_downsample_rate=decoder_attention_downsample_rate,
-            iou_head_depth=iou_head_depth,
-            iou_head_hidden_dim=iou_head_hidden_dim,
-            attention_impl=attention_impl,
-        )
-        self.mea = (
-            MaskEnhancedAdapter(
-                prompt_embed_dim,
-                mea_num_heads,
-                mea_mlp_ratio,
-                self.embedding_size,
-                mea_num_blocks,
-                rel_pos_layout=rel_pos_layout,
-            )
-            if use_mea
-            else None
-        )
-        set_attention_impl(self, attention_impl)
+        self._assemble(parts, lora_rank, encoder_trainable, click_stamp, click_stamp_sigma)
+
+    @classmethod
+    def from_parts(
+        cls,
+        parts: MSAMParts,
+        lora_rank: int = 0,
+        encoder_trainable: str = "full",
+        attention_impl: str = "fast",
+        click_stamp: float = 0.0,
+        click_stamp_sigma: float = 1.0,
+    ) -> MSAM:
+        """An M-SAM composed of given modules (as segment-anything's ``Sam(image_encoder, prompt_encoder,
+        mask_decoder)``): the sizes are read from the prompt encoder; LoRA of ``lora_rank`` is added to the encoder."""
+        check_type("lora_rank", lora_rank, int)
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.attention_impl = check_attention_impl(attention_impl)
+        model._assemble(parts, lora_rank, encoder_trainable, click_stamp, click_stamp_sigma)
+        return model
+
+    def _assemble(
+        self, parts: MSAMParts, lora_rank: int, encoder_trainable: str, click_stamp: float, click_stamp_sigma: float
+    ) -> None:
+        """Hold the parts (in this order: the parameter names are the checkpoint format), add LoRA, set what trains."""
+        _check_click_stamp(click_stamp, click_stamp_sigma)
+        self.click_stamp, self.click_stamp_sigma = float(click_stamp), float(click_stamp_sigma)
+        self.image_size = int(parts.prompt_encoder.input_image_size[0])
+        self.embedding_size = tuple(parts.prompt_encoder.image_embedding_size)
+        self.low_res_size = tuple(4 * g for g in self.embedding_size)
+        self.image_encoder = parts.image_encoder
+        self.prompt_encoder = parts.prompt_encoder
+        self.mask_decoder = parts.mask_decoder
+        self.mea = parts.mea
+        set_attention_impl(self, self.attention_impl)
         self.lora_rank = lora_rank
         if lora_rank > 0:
             for block in self.image_encoder.blocks:

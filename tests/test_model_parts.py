@@ -1,0 +1,65 @@
+"""MSAM built from its parts and from size presets: the same model, parameter for parameter, as the flat constructor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import small_msam_kwargs
+
+from msam_components.networks import MSAM, PRESETS, build_msam, build_parts, count_parameters
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
+
+
+def test_from_parts_equals_the_flat_constructor() -> None:
+    kwargs = small_msam_kwargs(image_size=32, patch_size=4)
+    sizes = {k: v for k, v in kwargs.items() if k != "lora_rank"}
+    torch.manual_seed(0)
+    flat = MSAM(**kwargs, encoder_trainable="lora", click_stamp=2.0)
+    torch.manual_seed(0)
+    composed = MSAM.from_parts(build_parts(**sizes), lora_rank=2, encoder_trainable="lora", click_stamp=2.0)
+    _same_state(flat, composed)
+    assert (composed.image_size, composed.low_res_size, composed.click_stamp) == (32, (32, 32, 32), 2.0)
+    assert [n for n, p in flat.named_parameters() if p.requires_grad] == [
+        n for n, p in composed.named_parameters() if p.requires_grad
+    ]
+    image = torch.randn(1, 1, 32, 32, 32)
+    points, labels = torch.tensor([[[10, 12, 14]]]), torch.ones(1, 1, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(flat(image, points, labels), composed(image, points, labels))
+    without_mea = MSAM.from_parts(build_parts(**sizes, use_mea=False))
+    assert not without_mea.use_mea and without_mea.lora_rank == 0
+
+
+def test_presets_name_the_sizes_this_project_uses() -> None:
+    assert count_parameters(build_msam("paper")) == 118_244_080  # the paper's count (msam_reference.md)
+    assert count_parameters(build_msam("released")) == 117_801_712
+    demo = build_msam("demo")
+    assert demo.image_size == 64 and demo.embedding_size == (8, 8, 8) and demo.lora_rank == 0
+    tiny = build_msam("tiny", use_mea=False)
+    assert tiny.image_size == 32 and not tiny.use_mea
+    assert set(PRESETS) == {"paper", "released", "demo", "tiny"}
+    with pytest.raises(ValueError, match="unknown M-SAM preset"):
+        build_msam("huge")
+    with pytest.raises(ValueError, match="click_stamp"):
+        MSAM(**{k: v for k, v in PRESETS["tiny"].items()}, click_stamp=-1.0)
+
+
+def test_the_demo_preset_is_the_size_demo_yaml_builds() -> None:
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "msam_kits19" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.yaml"), str(configs / "demo.yaml")])
+    from_config = parser.get_parsed_content("network_def")
+    preset = build_msam("demo", click_stamp=from_config.click_stamp)
+    assert {k: v.shape for k, v in from_config.state_dict().items()} == {
+        k: v.shape for k, v in preset.state_dict().items()
+    }
