@@ -63,3 +63,13 @@ def test_the_demo_preset_is_the_size_demo_yaml_builds() -> None:
     assert {k: v.shape for k, v in from_config.state_dict().items()} == {
         k: v.shape for k, v in preset.state_dict().items()
     }
+
+
+def test_build_parts_and_msam_share_their_defaults() -> None:
+    """MSAM's keyword arguments are the contract; build_parts repeats the size ones, so their defaults must agree."""
+    import inspect
+
+    parts = inspect.signature(build_parts).parameters
+    model = inspect.signature(MSAM.__init__).parameters
+    assert set(parts) <= set(model)
+    assert {k: p.default for k, p in parts.items()} == {k: model[k].default for k in parts}
