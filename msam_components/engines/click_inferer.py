@@ -8,14 +8,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from scipy import ndimage
 
 from ..networks.click_prompt import mask_prompt
 from ..networks.msam import MSAM
+from ..transforms.click_sampling import _deepest_voxel
 from .cuda_graphs import DEFAULT_CLICK_BUCKETS, CUDAGraphRunner
 
 ClickList = Sequence[Sequence[int]] | torch.Tensor | None
@@ -105,12 +104,6 @@ class EmbeddingCache:
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-def _deepest(mask: torch.Tensor) -> torch.Tensor:
-    """``[1, 1, 3]``: the voxel of a ``[D, H, W]`` mask farthest from its boundary (where an annotator would click)."""
-    distance = ndimage.distance_transform_edt(np.pad(mask.detach().cpu().numpy(), 1))[1:-1, 1:-1, 1:-1]
-    return torch.tensor(np.unravel_index(int(np.argmax(distance)), distance.shape), device=mask.device).view(1, 1, 3)
 
 
 def _as_points(clicks: ClickList, batch: int, device: torch.device, name: str) -> torch.Tensor:
@@ -347,7 +340,8 @@ class ClickInferer(Inferer):
                     region = (..., *(slice(a, a + size) for a in new))
                     seed = merged[region] > self.grow_threshold
                     origin = torch.tensor(new, device=inputs.device)
-                    click = _deepest(seed[0, 0])
+                    deepest = _deepest_voxel(seed[0, 0].detach().cpu().numpy())  # as the "center" click rule
+                    click = torch.tensor(deepest, device=inputs.device).view(1, 1, 3)
                     in_window = ((bg >= origin) & (bg < origin + size)).all(dim=1)
                     logits = self(inputs[region], network, click, (bg[in_window] - origin)[None], None, seed)
                     merged[region] = torch.maximum(merged[region], logits)

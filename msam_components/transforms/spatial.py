@@ -81,7 +81,7 @@ def compute_crop_or_pad_box(
             f"spatial_shape {tuple(spatial_shape)}, center {tuple(center)} and roi_size {tuple(roi_size)} "
             "must have the same length"
         )
-    window_start, crop_start, crop_end, pad_before, pad_after = [], [], [], [], []
+    window_start = []
     for size, c, roi in zip(spatial_shape, center, roi_size):
         size, roi = int(size), int(roi)
         if roi <= 0 or size <= 0:
@@ -89,14 +89,8 @@ def compute_crop_or_pad_box(
         if not math.isfinite(float(c)):
             raise ValueError(f"center {tuple(center)} must be finite")
         start = math.floor(float(c) - roi / 2 + 0.5)
-        start = min(max(start, min(0, size - roi)), max(0, size - roi))
-        c_start, c_end = max(start, 0), min(start + roi, size)
-        window_start.append(start)
-        crop_start.append(c_start)
-        crop_end.append(c_end)
-        pad_before.append(c_start - start)
-        pad_after.append(start + roi - c_end)
-    return CropPadBox(*(tuple(v) for v in (window_start, crop_start, crop_end, pad_before, pad_after)))
+        window_start.append(min(max(start, min(0, size - roi)), max(0, size - roi)))
+    return box_from_extent(spatial_shape, window_start, roi_size)
 
 
 def box_from_extent(spatial_shape: Sequence[int], start: Sequence[int], size: Sequence[int]) -> CropPadBox:
