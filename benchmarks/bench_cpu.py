@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TrainStep, full_size_model, median, synthetic_case, timed  # noqa: E402
 
-from msam_components.networks.rel_pos_attention import set_attention_impl  # noqa: E402
+from msam_components.networks.compute_paths import set_attention_impl  # noqa: E402
 
 IMPLS = ("reference", "fast")
 

@@ -36,7 +36,7 @@ from common import SMOKE_KWARGS, TrainStep, full_size_model, median, synthetic_c
 
 from msam_components.engines.cuda_graphs import CUDAGraphRunner  # noqa: E402
 from msam_components.networks import MSAM  # noqa: E402
-from msam_components.networks.rel_pos_attention import set_attention_impl  # noqa: E402
+from msam_components.networks.compute_paths import set_attention_impl  # noqa: E402
 
 IMPLS = ("reference", "fast")
 GIB = 1024**3

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .networks.image_state import ImageState
 from .networks.msam import MSAM
 
 ENCODER_FILE = "encoder.ts"
@@ -57,7 +58,7 @@ def _quiet_jit() -> Iterator[None]:
 
 def state_names(model: MSAM) -> tuple[str, ...]:
     """Names of the per-image state tensors, in the order the encoder returns and the decode step takes them."""
-    return ("embedding", "image", "image_conv") if model.use_mea else ("embedding",)
+    return ("embedding", "mea_image", "mea_image_conv") if model.use_mea else ("embedding",)
 
 
 class EncoderForExport(nn.Module):
@@ -75,7 +76,8 @@ class EncoderForExport(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         state = MSAM.prepare_image_state(self, MSAM.encode(self, image))  # type: ignore[arg-type]
-        return tuple(state[name] for name in self.names)
+        tensors = state.tensors()
+        return tuple(tensors[name] for name in self.names)
 
 
 class DecodeStepForExport(nn.Module):
@@ -87,7 +89,7 @@ class DecodeStepForExport(nn.Module):
 
     def __init__(self, model: MSAM) -> None:
         super().__init__()
-        self.attention_impl = model.attention_impl
+        self.path = model.path
         self.prompt_encoder = model.prompt_encoder
         self.mea = model.mea
         self.mask_decoder = model.mask_decoder
@@ -99,7 +101,7 @@ class DecodeStepForExport(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self.names) + 3:
             raise ValueError(f"expected {', '.join(self.names)}, points, point_labels, low_res_mask; got {len(inputs)}")
-        state = dict(zip(self.names, inputs[: len(self.names)]))
+        state = ImageState(*inputs[: len(self.names)])  # the mask kernel is computed inside the traced step
         points, point_labels, low_res_mask = inputs[len(self.names) :]
         return MSAM.decode(self, state, points, point_labels, low_res_mask)  # type: ignore[arg-type,return-value]
 
@@ -201,7 +203,7 @@ def check_export(
             state = model.prepare_embedding(model.encode(example_image))
             exported_state = tuple(encoder(example_image))
             for name, actual in zip(state_names(model), exported_state, strict=True):
-                diffs[name], ok = _compare(name, actual, state[name], atol, rtol)
+                diffs[name], ok = _compare(name, actual, state.tensors()[name], atol, rtol)
                 failed += [] if ok else [name]
             low = example_image.new_zeros(example_image.shape[0], 1, *model.low_res_size)
             exported_low = low

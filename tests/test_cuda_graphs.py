@@ -9,7 +9,7 @@ from conftest import small_msam_kwargs
 from msam_components.engines import ClickInferer, EmbeddingCache
 from msam_components.engines.cuda_graphs import CUDAGraphRunner, click_bucket, pad_clicks
 from msam_components.networks import MSAM
-from msam_components.networks.rel_pos_attention import set_attention_impl
+from msam_components.networks.compute_paths import set_attention_impl
 
 KWARGS = small_msam_kwargs(image_size=32, patch_size=4)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -124,8 +124,9 @@ def test_captured_graphs_match_eager_on_cuda(model: MSAM, impl: str) -> None:
             assert runner.last_path == "graph"
         eager_state = net.prepare_embedding(net.encode(image))
         eager = net.decode(eager_state, points, labels, torch.zeros(2, 1, *net.low_res_size, device="cuda"))
-    for key, value in eager_state.items():
-        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-4)
+    assert state.tensors().keys() == eager_state.tensors().keys()
+    for key, value in eager_state.tensors().items():
+        torch.testing.assert_close(state.tensors()[key], value, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(low, eager, rtol=1e-4, atol=1e-4)
 
 

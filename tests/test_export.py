@@ -52,7 +52,7 @@ def test_exported_encoder_and_click_chain_match_pytorch(tmp_path: Path, use_mea:
     assert len(encoder(image)) == (3 if use_mea else 1)
     points, labels = example_clicks(model, num_clicks=3)
     diffs = check_export(model, paths, image, points, labels, **TOL)
-    expected = ["embedding", "image", "image_conv"] if use_mea else ["embedding"]
+    expected = ["embedding", "mea_image", "mea_image_conv"] if use_mea else ["embedding"]
     assert list(diffs) == expected + ["click_1_logits", "click_2_logits", "click_3_logits"]
     assert max(diffs.values()) <= TOL["atol"]
 

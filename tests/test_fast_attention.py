@@ -6,11 +6,13 @@ import pytest
 import torch
 from conftest import msam_kwargs_from_reference_config
 
-from msam_components.networks import MSAM, image_encoder, load_pretrained
+from msam_components.networks import MSAM, fast_attention, load_pretrained
+from msam_components.networks.compute_paths import set_attention_impl
 from msam_components.networks.fast_attention import global_attention, is_single_padded_window, padded_window_attention
-from msam_components.networks.image_encoder import EncoderBlock, ImageEncoderViT3D, window_partition, window_unpartition
+from msam_components.networks.image_encoder import EncoderBlock, ImageEncoderViT3D
 from msam_components.networks.lora import LoRAQKV
-from msam_components.networks.rel_pos_attention import RelPosSelfAttention, set_attention_impl
+from msam_components.networks.reference_attention import window_partition, window_unpartition
+from msam_components.networks.rel_pos_attention import RelPosSelfAttention
 
 LAYOUTS = ["sam-med3d", "decomposed"]
 QKV_KINDS = ["lora", "linear", "no-bias"]
@@ -177,7 +179,7 @@ def test_gradients_match_reference(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append(1)
         return padded_window_attention(*args)
 
-    monkeypatch.setattr(image_encoder, "padded_window_attention", counted)
+    monkeypatch.setattr(fast_attention, "padded_window_attention", counted)
     kwargs = dict(image_size=32, patch_size=4, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2)
     kwargs.update(encoder_global_attn_indexes=(1,), encoder_window_size=11, prompt_embed_dim=48, mask_in_chans=4)
     kwargs.update(decoder_mlp_dim=32, iou_head_hidden_dim=16, mea_num_heads=4, lora_rank=2, encoder_trainable="full")

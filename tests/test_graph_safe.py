@@ -17,7 +17,7 @@ from conftest import small_msam_kwargs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from msam_components.networks import MSAM
-from msam_components.networks.rel_pos_attention import set_attention_impl
+from msam_components.networks.compute_paths import set_attention_impl
 
 FORBIDDEN = ("aten.lift_fresh", "aten._local_scalar_dense", "aten.nonzero")
 # 8^3 tokens in 8^3 windows (no padding), as the engine tests' model but a 32^3 input
@@ -72,12 +72,13 @@ def test_encode_and_decode_make_no_host_tensor_sync_or_dynamic_shape(model: MSAM
     points, labels, valid = _clicks(size)
     low_res = torch.randn(2, 1, *model.low_res_size)
     with torch.no_grad():
-        state = {}
-        assert _forbidden(lambda: state.update(model.prepare_embedding(model.encode(image)))) == {}
+        states = []
+        assert _forbidden(lambda: states.append(model.prepare_embedding(model.encode(image)))) == {}
+        state = states[0]
         for mask in (None, low_res):
             assert _forbidden(lambda: model.decode(state, points, labels, mask)) == {}
             assert _forbidden(lambda: model.decode(state, points, labels, mask, valid_points=valid)) == {}
-            assert _forbidden(lambda: model.decode(state["embedding"], points, labels, mask)) == {}
+            assert _forbidden(lambda: model.decode(state.embedding, points, labels, mask)) == {}
         assert _forbidden(lambda: model.decode(state, None, None, None)) == {}
 
 
@@ -120,7 +121,7 @@ def test_padding_clicks_left_out_give_the_unpadded_logits(model: MSAM, impl: str
         padded = net.decode(state, points, labels, low_res, valid_points=valid)
         for b, n in enumerate(valid.sum(1).tolist()):
             alone = net.decode(
-                {k: v[b : b + 1] for k, v in state.items() if k != "mask_kernel"} | _kernel(state),
+                state.select(b),
                 points[b : b + 1, :n],
                 labels[b : b + 1, :n],
                 None if low_res is None else low_res[b : b + 1],
@@ -129,11 +130,6 @@ def test_padding_clicks_left_out_give_the_unpadded_logits(model: MSAM, impl: str
         # label -1 alone is SAM's "not a point" token, which does take part: leaving it out is what valid_points does
         kept = net.decode(state, points, labels, low_res)
         assert (kept[0] - padded[0]).abs().max() > 1e-6
-
-
-def _kernel(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The per-model (not per-sample) entries of a prepared state."""
-    return {"mask_kernel": state["mask_kernel"]} if "mask_kernel" in state else {}
 
 
 def test_valid_points_shape_is_checked(model: MSAM) -> None:

@@ -13,6 +13,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 
 from ..networks.click_prompt import mask_prompt
+from ..networks.image_state import ImageState
 from ..networks.msam import MSAM
 from ..transforms.click_sampling import _deepest_voxel
 from .cuda_graphs import DEFAULT_CLICK_BUCKETS, CUDAGraphRunner
@@ -54,7 +55,7 @@ class EmbeddingCache:
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         self.max_items = max_items
-        self._items: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._items: OrderedDict[str, ImageState] = OrderedDict()
         self._history: dict[str, ClickHistory] = {}
         self._lock = threading.Lock()
         self.hits = 0
@@ -68,7 +69,7 @@ class EmbeddingCache:
         digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
         return digest.hexdigest()
 
-    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+    def get(self, key: str) -> ImageState | None:
         with self._lock:
             state = self._items.get(key)
             if state is None:
@@ -78,7 +79,7 @@ class EmbeddingCache:
             self.hits += 1
             return state
 
-    def put(self, key: str, state: dict[str, torch.Tensor]) -> None:
+    def put(self, key: str, state: ImageState) -> None:
         with self._lock:
             self._items[key] = state
             self._items.move_to_end(key)
@@ -191,7 +192,7 @@ class ClickInferer(Inferer):
             self.graphs = CUDAGraphRunner(network, self.click_buckets)
         return self.graphs
 
-    def embedding_state(self, inputs: torch.Tensor, network: MSAM, cache_key: str | None = None) -> dict:
+    def embedding_state(self, inputs: torch.Tensor, network: MSAM, cache_key: str | None = None) -> ImageState:
         """Cached ``prepare_embedding(encode(inputs))`` for this image."""
         key = cache_key or EmbeddingCache.key_for(inputs)
         state = self.cache.get(key)

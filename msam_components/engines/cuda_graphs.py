@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..networks.image_state import ImageState
 from ..networks.msam import MSAM
 
-State = dict[str, torch.Tensor]
 Outputs = torch.Tensor | dict[str, torch.Tensor]
 DEFAULT_CLICK_BUCKETS = (1, 4, 16, 64)
 
@@ -143,23 +143,23 @@ class CUDAGraphRunner:
         """Whether a call on ``tensor`` can use a graph: a CUDA tensor (or emulation) with autograd off."""
         return (tensor.is_cuda or self.emulate) and not torch.is_grad_enabled()
 
-    def encode(self, image: torch.Tensor) -> State:
+    def encode(self, image: torch.Tensor) -> ImageState:
         """``network.prepare_embedding(network.encode(image))``, from a graph when :meth:`applies`."""
         if self.applies(image):
             result = self._run("encode", self._encode_fn, {"image": image})
             if result is not None:
-                return result
+                return ImageState(**result)
         self.last_path = "eager"
         return self.network.prepare_embedding(self.network.encode(image))
 
     def decode(
-        self, state: State | torch.Tensor, points: torch.Tensor, labels: torch.Tensor, low_res: torch.Tensor | None
+        self, state: ImageState | torch.Tensor, points: torch.Tensor, labels: torch.Tensor, low_res: torch.Tensor | None
     ) -> torch.Tensor:
         """``network.decode(state, points, labels, low_res)`` low-res logits, from a graph when the shapes fit."""
         bucket = click_bucket(points.shape[1], self.click_buckets)
-        if bucket is not None and isinstance(state, dict) and self.applies(points):
+        if bucket is not None and isinstance(state, ImageState) and self.applies(points):
             padded, padded_labels, valid = pad_clicks(points, labels, bucket)
-            inputs = {**state, "points": padded, "labels": padded_labels, "valid": valid}
+            inputs = {**state.tensors(), "points": padded, "labels": padded_labels, "valid": valid}
             if low_res is not None:
                 inputs["low_res"] = low_res
             result = self._run("decode", self._decode_fn, inputs)
@@ -168,8 +168,8 @@ class CUDAGraphRunner:
         self.last_path = "eager"
         return self.network.decode(state, points, labels, low_res)
 
-    def _encode_fn(self, image: torch.Tensor) -> State:
-        return self.network.prepare_embedding(self.network.encode(image))
+    def _encode_fn(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.network.prepare_embedding(self.network.encode(image)).tensors()
 
     def _decode_fn(
         self,
@@ -179,7 +179,7 @@ class CUDAGraphRunner:
         low_res: torch.Tensor | None = None,
         **state: torch.Tensor,
     ) -> torch.Tensor:
-        return self.network.decode(state, points, labels, low_res, valid_points=valid)
+        return self.network.decode(ImageState(**state), points, labels, low_res, valid_points=valid)
 
     def graph_key(self, kind: str, inputs: dict[str, torch.Tensor]) -> tuple:
         """What a graph is specific to: input shapes/dtypes/device, autocast, attention path and weights' addresses."""

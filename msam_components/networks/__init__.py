@@ -2,7 +2,9 @@
 
 from .builder import PRESETS, build_msam
 from .checkpoint import CheckpointError, LoadReport, load_pretrained, load_pretrained_or_warn, read_checkpoint
+from .compute_paths import ATTENTION_IMPLS, ComputePath, set_attention_impl
 from .image_encoder import ImageEncoderViT3D
+from .image_state import ImageState
 from .lora import LoRAQKV
 from .mask_decoder import MaskDecoder3D
 from .mea import MaskEnhancedAdapter
@@ -20,12 +22,16 @@ __all__ = [
     "load_pretrained",
     "load_pretrained_or_warn",
     "read_checkpoint",
+    "ATTENTION_IMPLS",
+    "ComputePath",
     "ImageEncoderViT3D",
+    "ImageState",
     "LoRAQKV",
     "MaskDecoder3D",
     "MaskEnhancedAdapter",
     "PromptEncoder3D",
     "count_parameters",
     "msam_parameter_groups",
+    "set_attention_impl",
     "set_encoder_trainable",
 ]

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .rel_pos_attention import relative_position_table
+from .reference_attention import windowed_attention
+from .rel_pos import relative_position_table
 
 if TYPE_CHECKING:
     from .rel_pos_attention import RelPosSelfAttention
@@ -180,3 +181,12 @@ def padded_window_attention(attn: RelPosSelfAttention, x: torch.Tensor, window_s
         mask[..., n] = math.log(window_size**3 - n)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)
     return attn.proj(_merge_heads(out, (d, h, w)))
+
+
+def fast_windowed_attention(attn: RelPosSelfAttention, x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Windowed attention: the closed form of :func:`padded_window_attention` where the grid pads to one window, else
+    the explicit padded windows (:func:`reference_attention.windowed_attention`) attended by :func:`global_attention`.
+    """
+    if is_single_padded_window(tuple(x.shape[1:4]), window_size):
+        return padded_window_attention(attn, x, window_size)
+    return windowed_attention(attn, x, window_size, attend=global_attention)

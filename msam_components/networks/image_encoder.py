@@ -5,49 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .fast_attention import is_single_padded_window, padded_window_attention
+from .compute_paths import compute_path
 from .layers import LayerNorm3d, MLPBlock
-from .rel_pos_attention import RelPosSelfAttention, check_attention_impl
-
-
-def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """Zero-pad ``[B, D, H, W, C]`` up to multiples of ``window_size`` and cut it into ``[B*nW, ws, ws, ws, C]`` windows.
-
-    At the 8^3 token grid and window 14 this yields one 14^3 window whose 2232 padding tokens are NOT masked: the
-    pretrained SAM-Med3D weights were trained that way, so the padding is part of the model.
-    """
-    b, d, h, w, c = x.shape
-    pd, ph, pw = (-d) % window_size, (-h) % window_size, (-w) % window_size
-    if pd or ph or pw:
-        x = F.pad(x, (0, 0, 0, pw, 0, ph, 0, pd))
-    dp, hp, wp = d + pd, h + ph, w + pw
-    ws = window_size
-    x = x.view(b, dp // ws, ws, hp // ws, ws, wp // ws, ws, c)
-    windows = x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, ws, ws, ws, c)
-    return windows, (dp, hp, wp)
-
-
-def window_unpartition(
-    windows: torch.Tensor, window_size: int, padded_size: tuple[int, int, int], size: tuple[int, int, int]
-) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: reassemble windows and crop the padding away."""
-    dp, hp, wp = padded_size
-    d, h, w = size
-    ws = window_size
-    b = windows.shape[0] // ((dp // ws) * (hp // ws) * (wp // ws))
-    x = windows.view(b, dp // ws, hp // ws, wp // ws, ws, ws, ws, -1)
-    x = x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, dp, hp, wp, -1)
-    return x[:, :d, :h, :w, :].contiguous()
+from .rel_pos_attention import RelPosSelfAttention
 
 
 class EncoderBlock(nn.Module):
     """Pre-norm ViT block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``; windowed when ``window_size > 0``.
 
-    With ``attention_impl="fast"`` a grid that pads to a single window (8^3 in 14^3) uses the exact closed form of
-    :func:`padded_window_attention`; any other windowing falls back to the explicit padded computation.
+    Windows are zero-padded and the padding is not masked, as in SAM-Med3D (``reference_attention.window_partition``).
     """
 
     def __init__(
@@ -75,15 +43,7 @@ class EncoderBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
-        size = tuple(x.shape[1:4])
-        if self.window_size == 0:
-            x = self.attn(x)
-        elif self.attn.attention_impl == "fast" and is_single_padded_window(size, self.window_size):
-            x = padded_window_attention(self.attn, x, self.window_size)
-        else:
-            x, padded = window_partition(x, self.window_size)
-            x = self.attn(x)
-            x = window_unpartition(x, self.window_size, padded, size)
+        x = self.attn(x) if self.window_size == 0 else self.attn.windowed(x, self.window_size)
         x = shortcut + x
         return x + self.mlp(self.norm2(x))
 
@@ -103,7 +63,7 @@ class ImageEncoderViT3D(nn.Module):
     """ViT image encoder with absolute and relative positions, global blocks at ``global_attn_indexes`` and a conv neck.
 
     ``attention_impl``: ``"reference"`` (explicit padded windows and softmax) or ``"fast"`` (same numbers, see
-    ``fast_attention.py``); it adds no parameters.
+    ``compute_paths.py``); it adds no parameters.
     """
 
     def __init__(
@@ -124,7 +84,7 @@ class ImageEncoderViT3D(nn.Module):
         attention_impl: str = "reference",
     ) -> None:
         super().__init__()
-        check_attention_impl(attention_impl)
+        compute_path(attention_impl)  # a clear error before any module is built
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.image_size = image_size

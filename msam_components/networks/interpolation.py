@@ -56,3 +56,8 @@ def separable_trilinear(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Te
         y = mats[1] @ y.view(b * c * d, h, out_w)  # H axis
         y = mats[0] @ y.view(b * c, d, out_h * out_w)  # D axis
     return y.view(b, c, out_d, out_h, out_w)
+
+
+def trilinear(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """The reference: ``F.interpolate`` trilinear with ``align_corners=False`` (what :func:`separable_trilinear` equals)."""
+    return torch.nn.functional.interpolate(x, size=size, mode="trilinear", align_corners=False)

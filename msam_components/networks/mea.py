@@ -3,7 +3,7 @@
 The data flow follows M-SAM's released code (``BiDirectionalAttentionNetwork``), which produced the published numbers;
 parameter names follow its state dict so official checkpoints load one to one. See docs in ``msam_reference.md`` §2.
 
-Fast path (``attention_impl="fast"`` with a :class:`FactoredDense` mask embedding): the mask encoder ends in a 1x1
+Factored mask embedding (the fast compute path passes a :class:`FactoredDense`): the mask encoder ends in a 1x1
 convolution from 16 channels, and the MEA's input LayerNorm only subtracts a per-voxel mean and divides by a per-voxel
 scale, so the normalised mask is ``A @ [z / s, 1 / s, 1]`` per voxel with a ``[384, 18]`` matrix ``A`` built from the
 parameters. The mask branch's 3x3x3 convolution is linear and zero-padded, so it equals a convolution of those 18
@@ -19,7 +19,7 @@ from torch import nn
 
 from .layers import LayerNorm3d, MLPBlock
 from .prompt_encoder import FactoredDense
-from .rel_pos_attention import RelPosSelfAttention, check_attention_impl
+from .rel_pos_attention import RelPosSelfAttention
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -45,8 +45,11 @@ class MEAAttentionBlock(RelPosSelfAttention):
         input_size: tuple[int, int, int],
         norm_eps: float,
         rel_pos_layout: str = "sam-med3d",
+        attention_impl: str = "reference",
     ) -> None:
-        super().__init__(dim, num_heads, input_size, qkv_bias=True, rel_pos_layout=rel_pos_layout)
+        super().__init__(
+            dim, num_heads, input_size, qkv_bias=True, rel_pos_layout=rel_pos_layout, attention_impl=attention_impl
+        )
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLPBlock(dim, mlp_dim, act=nn.GELU)
@@ -73,6 +76,7 @@ class MutualFeatureEnhancementBlock(nn.Module):
         input_size: tuple[int, int, int],
         eps: float,
         rel_pos_layout: str = "sam-med3d",
+        attention_impl: str = "reference",
     ) -> None:
         super().__init__()
         for branch in ("image", "prompt"):
@@ -81,7 +85,7 @@ class MutualFeatureEnhancementBlock(nn.Module):
             setattr(self, f"{branch}_conv2", nn.Conv3d(channels, channels, kernel_size=1))
             for i in (1, 2, 3):
                 setattr(self, f"{branch}_addnorm{i}", LayerNorm3d(channels, eps))
-            attn = MEAAttentionBlock(channels, num_heads, mlp_dim, input_size, eps, rel_pos_layout)
+            attn = MEAAttentionBlock(channels, num_heads, mlp_dim, input_size, eps, rel_pos_layout, attention_impl)
             setattr(self, f"{branch}_multiheadattn", attn)
         self.mlp1 = MLPBlock(channels, mlp_dim, act=nn.GELU)
         self.mlp2 = MLPBlock(channels, mlp_dim, act=nn.GELU)
@@ -137,14 +141,14 @@ class MaskEnhancedAdapter(nn.Module):
         attention_impl: str = "reference",
     ) -> None:
         super().__init__()
-        self.attention_impl = check_attention_impl(attention_impl)
         mlp_dim = int(channels * mlp_ratio)
+        size = tuple(input_size)
         self.bidirectional_attentions = nn.ModuleList(
-            MutualFeatureEnhancementBlock(channels, num_heads, mlp_dim, tuple(input_size), eps, rel_pos_layout)
+            MutualFeatureEnhancementBlock(channels, num_heads, mlp_dim, size, eps, rel_pos_layout, attention_impl)
             for _ in range(num_blocks)
         )
         self.multi_head_self_attention = MEAAttentionBlock(
-            channels, num_heads, mlp_dim, tuple(input_size), eps, rel_pos_layout
+            channels, num_heads, mlp_dim, size, eps, rel_pos_layout, attention_impl
         )
         self.add_norm = LayerNorm3d(channels, eps)
         self.add_norm2 = LayerNorm3d(channels, eps)
@@ -152,10 +156,10 @@ class MaskEnhancedAdapter(nn.Module):
         self.add_norm4 = LayerNorm3d(channels, eps)  # unused by the released forward pass
         self.mlp = MLPBlock(channels, mlp_dim, act=nn.GELU)
 
-    def prepare_image(self, image_embedding: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Everything that depends on the image embedding alone (computed once per image for fast clicks)."""
+    def prepare_image(self, image_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image, image_conv)``: everything that depends on the image embedding alone (computed once per image)."""
         image = self.add_norm3(image_embedding)
-        return {"image": image, "image_conv": self.bidirectional_attentions[0].image_conv_stage(image)}
+        return image, self.bidirectional_attentions[0].image_conv_stage(image)
 
     def mask_conv_kernel(self, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """The composed kernel of :func:`low_rank_mask_conv` for factored masks with this ``weight`` and ``bias``.
@@ -167,15 +171,14 @@ class MaskEnhancedAdapter(nn.Module):
     def normalise_mask(
         self, mask_embedding: torch.Tensor | FactoredDense, kernel: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``add_norm2(mask_embedding)`` and, on the fast path, the first MFEB's ``prompt_conv1`` of it (else None).
+        """``add_norm2(mask_embedding)`` and, for a factored embedding, the first MFEB's ``prompt_conv1`` of it composed
+        on its few channels (for a plain one None: the block convolves it itself).
 
         ``kernel`` may pass :meth:`mask_conv_kernel` of ``mask_embedding``'s weight and bias, computed earlier.
         """
         if not isinstance(mask_embedding, FactoredDense):
             return self.add_norm2(mask_embedding), None
         mask, std = self.add_norm2.forward_with_std(mask_embedding.materialise())
-        if self.attention_impl != "fast":
-            return mask, None
         if kernel is None:
             kernel = self.mask_conv_kernel(mask_embedding.weight, mask_embedding.bias)
         return mask, low_rank_mask_conv(self.bidirectional_attentions[0].prompt_conv1, kernel, mask_embedding.z, std)
@@ -184,18 +187,17 @@ class MaskEnhancedAdapter(nn.Module):
         self,
         image_embedding: torch.Tensor,
         mask_embedding: torch.Tensor | FactoredDense,
-        prepared: dict[str, torch.Tensor] | None = None,
+        prepared: tuple[torch.Tensor, torch.Tensor] | None = None,
         mask_kernel: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decoder image tokens from the image embedding and the dense mask embedding (plain or factored).
 
         ``prepared`` may pass :meth:`prepare_image` and ``mask_kernel`` the matching :meth:`mask_conv_kernel`.
         """
-        prepared = self.prepare_image(image_embedding) if prepared is None else prepared
-        image = prepared["image"]
+        image, image_conv = self.prepare_image(image_embedding) if prepared is None else prepared
         mask, mask_conv1 = self.normalise_mask(mask_embedding, mask_kernel)
         first = self.bidirectional_attentions[0]
-        image_out, mask_out = first(image, mask, image_conv=prepared["image_conv"], mask_conv1=mask_conv1)
+        image_out, mask_out = first(image, mask, image_conv=image_conv, mask_conv1=mask_conv1)
         for block in self.bidirectional_attentions[1:]:
             image_out, mask_out = block(image_out, mask_out)
         fused = image_out + image + mask_out + mask

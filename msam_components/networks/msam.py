@@ -6,18 +6,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_type
 from .click_prompt import stamp_clicks
+from .compute_paths import UsesComputePath, compute_path, set_attention_impl
 from .image_encoder import ImageEncoderViT3D
-from .interpolation import separable_trilinear
+from .image_state import ImageState
 from .lora import LoRAQKV
 from .mask_decoder import MaskDecoder3D
 from .mea import MaskEnhancedAdapter
 from .prompt_encoder import PromptEncoder3D
-from .rel_pos_attention import check_attention_impl, set_attention_impl
 
 ENCODER_TRAINABLE_MODES = ("lora", "frozen", "full")
 _INT_ARGS = {
@@ -136,6 +135,7 @@ def build_parts(
                 embedding_size,
                 mea_num_blocks,
                 rel_pos_layout=rel_pos_layout,
+                attention_impl=attention_impl,
             )
             if use_mea
             else None
@@ -143,7 +143,7 @@ def build_parts(
     )
 
 
-class MSAM(nn.Module):
+class MSAM(UsesComputePath, nn.Module):
     """M-SAM for 3-D lesion segmentation from clicks; the default arguments build the paper's full-size model.
 
     Defaults: ViT-B encoder (768 wide, 12 blocks, 12 heads, global blocks 2/5/8/11, window 14), prompt dim 384, 128^3
@@ -152,13 +152,13 @@ class MSAM(nn.Module):
     SAM-Med3D's decoder input ``image + dense``; ``lora_rank=0, encoder_trainable="frozen"`` freezes the encoder;
     ``lora_rank=0, encoder_trainable="full"`` fine-tunes it entirely. ``rel_pos_layout="sam-med3d"`` keeps the
     upstream broadcasting of the relative-position terms that the pretrained weights expect; ``"decomposed"`` is the
-    textbook MViTv2 form (for training from scratch only). ``attention_impl="fast"`` (default) computes the encoder
-    and MEA attention exactly but without materialising the window padding, via ``scaled_dot_product_attention``
-    (``fast_attention.py``; about 10x faster encoder on CPU), and takes the exact fast per-click paths: the MEA's
-    mask-branch convolution on the factored mask embedding (``mea.py``), a fused, selected-masks-only decoder
-    upscaling (``mask_decoder.py``) and a separable upsampling of the logits (``interpolation.py``).
-    ``"reference"`` is the straightforward computation all of them are tested against. Neither changes parameters;
-    :func:`set_attention_impl` switches a built model.
+    textbook MViTv2 form (for training from scratch only). ``attention_impl`` picks the compute path of every part
+    (``compute_paths.py``, the one place both live): ``"fast"`` (default) computes the encoder and MEA attention
+    exactly but without materialising the window padding, via ``scaled_dot_product_attention`` (about 10x faster
+    encoder on CPU), and takes the exact fast per-click steps (the MEA's mask-branch convolution on the factored mask
+    embedding, a fused, selected-masks-only decoder upscaling, a separable upsampling of the logits); ``"reference"``
+    is the straightforward computation all of them are tested against. Neither changes parameters;
+    :func:`compute_paths.set_attention_impl` switches a built model.
 
     ``click_stamp > 0`` also writes each click into the low-res mask prompt (``click_prompt.py``; parameter-free, off
     in the upstream model), so a model trained from scratch cannot ignore clicks in favour of its fed-back mask.
@@ -205,7 +205,7 @@ class MSAM(nn.Module):
                 check_type(name, value, (int, float))
             elif name == "use_mea":
                 check_type(name, value, bool)
-        self.attention_impl = check_attention_impl(attention_impl)
+        self.path = compute_path(attention_impl)
         _check_click_stamp(click_stamp, click_stamp_sigma)  # before the (slow, full-size) modules are built
         parts = build_parts(
             image_size=image_size,
@@ -250,7 +250,7 @@ class MSAM(nn.Module):
         check_type("lora_rank", lora_rank, int)
         model = cls.__new__(cls)
         nn.Module.__init__(model)
-        model.attention_impl = check_attention_impl(attention_impl)
+        model.path = compute_path(attention_impl)
         model._assemble(parts, lora_rank, encoder_trainable, click_stamp, click_stamp_sigma)
         return model
 
@@ -267,7 +267,7 @@ class MSAM(nn.Module):
         self.prompt_encoder = parts.prompt_encoder
         self.mask_decoder = parts.mask_decoder
         self.mea = parts.mea
-        set_attention_impl(self, self.attention_impl)
+        set_attention_impl(self, self.path.name)  # given parts may have been built on the other path
         self.lora_rank = lora_rank
         if lora_rank > 0:
             for block in self.image_encoder.blocks:
@@ -282,25 +282,24 @@ class MSAM(nn.Module):
         """Image embedding ``[B, 384, 8, 8, 8]`` of ``[B, 1, 128, 128, 128]`` input; compute once per image."""
         return self.image_encoder(image)
 
-    def prepare_embedding(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-image state for :meth:`decode`: :meth:`prepare_image_state` plus, on the fast path, the MEA's composed
-        mask kernel (it depends on parameters only; computing it per image keeps it in step with training)."""
+    def prepare_embedding(self, embedding: torch.Tensor) -> ImageState:
+        """Per-image state for :meth:`decode`: :meth:`prepare_image_state` plus, where the compute path factors the
+        mask embedding, the MEA's composed mask kernel (parameters only; per image keeps it in step with training)."""
         state = self.prepare_image_state(embedding)
-        if self.mea is not None and self.attention_impl == "fast":
+        if self.mea is not None and self.path.factored_mask:
             last = self.prompt_encoder.mask_downscaling[-1]
-            state["mask_kernel"] = self.mea.mask_conv_kernel(last.weight.flatten(1), last.bias)
+            state.mask_kernel = self.mea.mask_conv_kernel(last.weight.flatten(1), last.bias)
         return state
 
-    def prepare_image_state(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+    def prepare_image_state(self, embedding: torch.Tensor) -> ImageState:
         """The embedding plus the MEA's image-only stage (so no click recomputes it)."""
-        state = {"embedding": embedding}
-        if self.mea is not None:
-            state.update(self.mea.prepare_image(embedding))
-        return state
+        if self.mea is None:
+            return ImageState(embedding)
+        return ImageState(embedding, *self.mea.prepare_image(embedding))
 
     def decode(
         self,
-        embedding: torch.Tensor | dict[str, torch.Tensor],
+        embedding: torch.Tensor | ImageState,
         points: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
         low_res_mask: torch.Tensor | None = None,
@@ -316,8 +315,8 @@ class MSAM(nn.Module):
         ``[B, N]`` bool leaves the False points out of it entirely, so a prompt padded to a fixed number of clicks (for
         static shapes, e.g. CUDA graphs) gives the same logits as the unpadded one.
         """
-        state = embedding if isinstance(embedding, dict) else {"embedding": embedding}
-        image_embedding = state["embedding"]
+        state = embedding if isinstance(embedding, ImageState) else self.prepare_embedding(embedding)
+        image_embedding = state.embedding
         batch = image_embedding.shape[0]
         if points is not None:
             if points.ndim != 3 or points.shape[0] != batch or points.shape[-1] != 3:
@@ -333,12 +332,11 @@ class MSAM(nn.Module):
             low_res_mask = stamp_clicks(
                 base, points, point_labels, self.image_size, self.click_stamp, self.click_stamp_sigma
             )
-        # the fast MEA path reads the dense embedding in factored form (16 channels instead of 384)
-        factored = self.mea is not None and self.attention_impl == "fast"
+        factored = self.mea is not None and self.path.factored_mask  # 16 channels instead of 384
         sparse, dense = self.prompt_encoder(points, point_labels, low_res_mask, batch, factored=factored)
         if self.mea is not None:
-            prepared = state if "image_conv" in state else None
-            kernel = state.get("mask_kernel") if low_res_mask is not None else None
+            prepared = (state.mea_image, state.mea_image_conv)
+            kernel = state.mask_kernel if low_res_mask is not None else None
             image_tokens = self.mea(image_embedding, dense, prepared=prepared, mask_kernel=kernel)
         else:
             image_tokens = image_embedding + dense
@@ -356,10 +354,7 @@ class MSAM(nn.Module):
         The fast path computes it as three 1-D interpolation matmuls (``interpolation.py``): same values, and a
         backward about 10x cheaper on CPU than ``F.interpolate``'s, which matters with 10 clicks per training step.
         """
-        size = (self.image_size,) * 3
-        if self.attention_impl == "fast":
-            return separable_trilinear(low_res_logits, size)
-        return F.interpolate(low_res_logits, size=size, mode="trilinear", align_corners=False)
+        return self.path.upsample(low_res_logits, (self.image_size,) * 3)
 
     def refine(
         self,

@@ -1,0 +1,96 @@
+"""The fast and reference computations live behind one seam (``compute_paths.py``), chosen once per model."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from msam_components.networks import MSAM
+from msam_components.networks.compute_paths import FAST, REFERENCE, ComputePath, UsesComputePath, set_attention_impl
+from msam_components.networks.mea import MaskEnhancedAdapter
+
+NETWORKS = Path(__file__).resolve().parents[1] / "msam_components" / "networks"
+MODULES = sorted(p.stem for p in NETWORKS.glob("*.py") if p.stem != "__init__")
+TINY = dict(image_size=32, patch_size=8, encoder_embed_dim=16, encoder_depth=2, encoder_num_heads=2)
+TINY.update(encoder_global_attn_indexes=(1,), encoder_window_size=3, prompt_embed_dim=24, mask_in_chans=4)
+TINY.update(decoder_num_heads=2, decoder_mlp_dim=16, iou_head_hidden_dim=8, mea_num_heads=2, lora_rank=2)
+
+
+def _package_imports(path: Path) -> set[str]:
+    """The sibling modules ``path`` imports when it loads (imports under ``if TYPE_CHECKING:`` excluded)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module} if node.module else {alias.name for alias in node.names}
+    return found
+
+
+def test_network_modules_import_without_cycles() -> None:
+    """The networks modules' load-time imports form no cycle (so none needs an import done late to dodge one)."""
+    graph = {p.stem: _package_imports(p) & set(MODULES) for p in NETWORKS.glob("*.py") if p.stem != "__init__"}
+    done: set[str] = set()
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        assert name not in trail, f"import cycle: {' -> '.join(trail + (name,))}"
+        if name not in done:
+            for dep in sorted(graph[name]):
+                visit(dep, trail + (name,))
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+    assert {"compute_paths", "rel_pos_attention", "fast_attention"} <= done
+
+
+def test_only_the_seam_branches_on_the_path() -> None:
+    """No module outside ``compute_paths.py`` compares against a path name, and none imports late."""
+    offenders = []
+    for path in NETWORKS.glob("*.py"):
+        text = path.read_text()
+        if path.name != "compute_paths.py" and re.search(r"[!=]=\s*[\"'](fast|reference)[\"']", text):
+            offenders.append(f"{path.name}: compares a path name")
+        late = re.findall(r"^([ \t]+)from \.\w+ import", text, flags=re.M)
+        if late and not all(indent == "    " and "if TYPE_CHECKING:" in text for indent in late):
+            offenders.append(f"{path.name}: local import")
+    assert offenders == []
+
+
+def test_paths_hold_the_same_operations() -> None:
+    assert isinstance(FAST, ComputePath) and FAST.name == "fast" and REFERENCE.name == "reference"
+    assert FAST.factored_mask and not REFERENCE.factored_mask
+    assert all(getattr(FAST, f) is not getattr(REFERENCE, f) for f in ("attention", "windowed_attention", "upsample"))
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_a_model_is_built_on_one_path_and_switches_as_a_whole(impl: str) -> None:
+    """Every part is built on the path asked for (the MEA included, not switched afterwards), and one call switches."""
+    mea = MaskEnhancedAdapter(16, 2, 2.0, (4, 4, 4), attention_impl=impl)
+    assert {m.path.name for m in mea.modules() if isinstance(m, UsesComputePath)} == {impl}
+    model = MSAM(**TINY, attention_impl=impl)
+    users = [m for m in model.modules() if isinstance(m, UsesComputePath)]
+    assert len(users) >= 6 and {m.attention_impl for m in users} == {impl}
+    other = "reference" if impl == "fast" else "fast"
+    set_attention_impl(model, other)
+    assert {m.attention_impl for m in users} == {other}
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        set_attention_impl(model, "flash")
+
+
+def test_decode_takes_a_bare_embedding_or_its_state() -> None:
+    """A bare embedding is prepared the same way as :meth:`MSAM.prepare_embedding`: one path through ``decode``."""
+    torch.manual_seed(0)
+    model = MSAM(**TINY).eval()
+    image = torch.randn(1, 1, 32, 32, 32)
+    points, labels = torch.tensor([[[10, 12, 14]]]), torch.tensor([[1]])
+    low = torch.randn(1, 1, *model.low_res_size)
+    with torch.no_grad():
+        embedding = model.encode(image)
+        state = model.prepare_embedding(embedding)
+        assert set(state.tensors()) == {"embedding", "mea_image", "mea_image_conv", "mask_kernel"}
+        torch.testing.assert_close(
+            model.decode(embedding, points, labels, low), model.decode(state, points, labels, low)
+        )
