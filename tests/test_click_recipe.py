@@ -180,18 +180,18 @@ def test_point_loss_and_click_weighting_change_the_loss() -> None:
     with pytest.raises(ValueError, match="initial_mask_prob"):
         IterativeClickRefinement(initial_mask_prob=1.5)
 
-    class Engine:
-        loss_function = staticmethod(lambda logits, target: (torch.sigmoid(logits) - target).abs().mean())
+    def loss_function(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (torch.sigmoid(logits) - target).abs().mean()
 
     label = two_lesions()
     sim = ClickSimulator(label, np.random.RandomState(0), strategy="center")
     logits = torch.full((1, 2, 24, 24, 24), -3.0, requires_grad=True)
     sim(0, None)
     sim(1, logits[:, :1].detach())
-    plain = IterativeClickRefinement()._loss(Engine(), logits, sim)
-    with_points = IterativeClickRefinement(lambda_click=1.0)._loss(Engine(), logits, sim)
-    linear = IterativeClickRefinement(loss_click_weighting="linear")._loss(Engine(), logits, sim)
-    per_click = [Engine.loss_function(logits[:, k : k + 1], label) for k in range(2)]
+    plain = IterativeClickRefinement()._loss(loss_function, logits, sim)
+    with_points = IterativeClickRefinement(lambda_click=1.0)._loss(loss_function, logits, sim)
+    linear = IterativeClickRefinement(loss_click_weighting="linear")._loss(loss_function, logits, sim)
+    per_click = [loss_function(logits[:, k : k + 1], label) for k in range(2)]
     assert torch.allclose(plain, per_click[0] + per_click[1])
     assert torch.allclose(linear, 2 / 3 * per_click[0] + 4 / 3 * per_click[1])
     # both clicks are positive and their voxels predicted background: the point loss is softplus(3.5) per click

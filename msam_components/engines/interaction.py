@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -32,6 +33,7 @@ CLICK_DICE, CLICK_IOU = "click_dice", "click_iou"
 CLICK_POINTS, CLICK_LABELS = "click_points", "click_labels"
 CLICK_COMPLIANCE = "click_compliance"
 LOSS_WEIGHTINGS = ("uniform", "linear")
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def msam_loss(lambda_dice: float = 0.5, lambda_ce: float = 0.5) -> DiceCELoss:
@@ -194,7 +196,7 @@ class IterativeClickRefinement(Randomizable):
         )
         return logits, simulator
 
-    def _loss(self, engine: SupervisedTrainer, logits: torch.Tensor, simulator: ClickSimulator) -> torch.Tensor:
+    def _loss(self, loss_function: LossFn, logits: torch.Tensor, simulator: ClickSimulator) -> torch.Tensor:
         """Each click's loss against its target (weighted over clicks), plus the point loss at the clicks so far."""
         num = logits.shape[1]
         weights = (
@@ -204,7 +206,7 @@ class IterativeClickRefinement(Randomizable):
         total = logits.new_zeros(())
         # split, not logits[:, k : k + 1]: each slice's backward would fill a full-size zero gradient of all clicks
         for k, click_logits in enumerate(logits.split(1, dim=1)):
-            total = total + weights[k] * engine.loss_function(click_logits, simulator.target(k))
+            total = total + weights[k] * loss_function(click_logits, simulator.target(k))
             if self.lambda_click > 0:
                 valid = labels[:, : k + 1] != -1
                 if bool(valid.any()):
@@ -262,12 +264,24 @@ class IterativeClickRefinement(Randomizable):
                     return engine.state.output
                 inputs, label = inputs[keep], label[keep]
                 engine.state.output.update({Keys.IMAGE: inputs, Keys.LABEL: label})
-            logits, simulator = self._train_step(engine, inputs, label, device_type)
-        else:
-            with engine.mode(engine.network):
-                with torch.autocast(device_type, **engine.amp_kwargs) if engine.amp else nullcontext():
-                    logits, simulator = self._loop(engine, inputs, label, start=start)
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            return self._train_step(engine, inputs, label)
+        with engine.mode(engine.network):
+            with torch.autocast(device_type, **engine.amp_kwargs) if engine.amp else nullcontext():
+                logits, simulator = self._loop(engine, inputs, label, start=start)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        self._publish(engine, logits, label, simulator)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    def _publish(
+        self,
+        engine: SupervisedTrainer | SupervisedEvaluator,
+        logits: torch.Tensor,
+        label: torch.Tensor,
+        simulator: ClickSimulator,
+    ) -> None:
+        """Put the step's results in ``engine.state.output``: the last click's logits as ``pred``, per-click metrics,
+        the click history and compliance (before MODEL_COMPLETED, where decollation and post-processing run)."""
         logits = logits.detach().float()
         engine.state.output[Keys.PRED] = logits[:, -1:]
         engine.state.output[CLICK_DICE], engine.state.output[CLICK_IOU] = self._click_metrics(logits, label)
@@ -276,8 +290,6 @@ class IterativeClickRefinement(Randomizable):
         engine.state.output[CLICK_COMPLIANCE] = click_compliance(logits, points, labels, self._foreground).cpu()
         if self.keep_click_logits:
             engine.state.output["click_logits"] = logits
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
 
     def _start_mask(self, batchdata: dict, label: torch.Tensor) -> torch.Tensor | None:
         """The batch's starting masks (``initial_mask_key``, evaluation only), on the label's device and shape."""
@@ -310,29 +322,43 @@ class IterativeClickRefinement(Randomizable):
             f"{self.skipped_without_lesion} skipped so far"
         )
 
-    def _train_step(
-        self, engine: SupervisedTrainer, inputs: torch.Tensor, label: torch.Tensor, device_type: str
-    ) -> tuple[torch.Tensor, ClickSimulator]:
-        """Forward through all clicks, loss summed over clicks, backward through the feedback path, optimizer step."""
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.autocast(device_type, **engine.amp_kwargs) if engine.amp else nullcontext():
-            logits, simulator = self._loop(engine, inputs, label, training=True)
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            loss = self._loss(engine, logits, simulator)
-        engine.state.output[Keys.LOSS] = loss
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if engine.amp and engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.state.output[Keys.LOSS] = loss.detach()
-        return logits, simulator
+    def _train_step(self, engine: SupervisedTrainer, inputs: torch.Tensor, label: torch.Tensor) -> dict:
+        """One optimisation step run by the trainer's own ``_iteration`` (zero_grad, autocast and GradScaler, gradient
+        accumulation, events), with the click loop as its inferer and the per-click loss as its loss function.
+
+        MONAI's step autocasts only on CUDA; on CPU with ``amp`` the step runs inside a CPU autocast region instead.
+        """
+        step = _ClickStep(self, engine, label)
+        saved = engine.inferer, engine.loss_function
+        engine.inferer, engine.loss_function = step.infer, step.loss
+        cpu_amp = engine.amp and inputs.device.type == "cpu"
+        try:
+            with torch.autocast("cpu", **engine.amp_kwargs) if cpu_amp else nullcontext():
+                output = engine._iteration(engine, {Keys.IMAGE: inputs, Keys.LABEL: label})
+        finally:
+            engine.inferer, engine.loss_function = saved
+        return output
+
+
+class _ClickStep:
+    """The click loop and its loss, in the shape of a trainer's ``inferer`` and ``loss_function``, for one step."""
+
+    def __init__(self, refinement: IterativeClickRefinement, engine: SupervisedTrainer, label: torch.Tensor) -> None:
+        self.refinement, self.engine, self.label = refinement, engine, label
+        self.loss_function = engine.loss_function
+        self.simulator: ClickSimulator | None = None
+
+    def infer(self, inputs: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+        """All clicks' logits ``[B, K, ...]`` (the trainer stores them as ``pred`` until :meth:`loss` replaces it)."""
+        logits, self.simulator = self.refinement._loop(self.engine, inputs, self.label, training=True)
+        return logits
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss over clicks; also publishes the step's outputs, before the trainer's LOSS_COMPLETED event."""
+        assert self.simulator is not None, "the trainer computed a loss before running its inferer"
+        total = self.refinement._loss(self.loss_function, logits, self.simulator)
+        self.refinement._publish(self.engine, logits, self.label, self.simulator)
+        return total
 
 
 __all__ = [
