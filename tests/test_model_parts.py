@@ -73,3 +73,22 @@ def test_build_parts_and_msam_share_their_defaults() -> None:
     model = inspect.signature(MSAM.__init__).parameters
     assert set(parts) <= set(model)
     assert {k: p.default for k, p in parts.items()} == {k: model[k].default for k in parts}
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(encoder_depth=2.0), "encoder_depth must be int"),
+        (dict(use_mea=1), "use_mea must be bool"),
+        (dict(lora_rank=True), "lora_rank must be int"),
+        (dict(mea_mlp_ratio="4"), "mea_mlp_ratio must be int or float"),
+        (dict(click_stamp=None), "click_stamp must be int or float"),
+    ],
+)
+def test_argument_types_are_checked_against_the_signature(kwargs: dict, message: str) -> None:
+    """Types come from the annotations of ``MSAM`` / ``build_parts`` (no separate list of names to keep in step)."""
+    with pytest.raises(TypeError, match=message):
+        MSAM(image_size=32, patch_size=8, encoder_embed_dim=16, **kwargs)
+    if "lora_rank" not in kwargs and "click_stamp" not in kwargs:
+        with pytest.raises(TypeError, match=message):
+            build_parts(image_size=32, patch_size=8, encoder_embed_dim=16, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,27 +20,16 @@ from .mea import MaskEnhancedAdapter
 from .prompt_encoder import PromptEncoder3D
 
 ENCODER_TRAINABLE_MODES = ("lora", "frozen", "full")
-_INT_ARGS = {
-    "image_size",
-    "patch_size",
-    "in_channels",
-    "encoder_embed_dim",
-    "encoder_depth",
-    "encoder_num_heads",
-    "encoder_window_size",
-    "prompt_embed_dim",
-    "mask_in_chans",
-    "decoder_transformer_depth",
-    "decoder_num_heads",
-    "decoder_mlp_dim",
-    "decoder_attention_downsample_rate",
-    "num_multimask_outputs",
-    "iou_head_depth",
-    "iou_head_hidden_dim",
-    "mea_num_heads",
-    "mea_num_blocks",
-    "lora_rank",
-}
+_CHECKED = {"int": int, "float": (int, float), "bool": bool}
+
+
+def check_arguments(fn: Callable, values: dict[str, object]) -> None:
+    """``TypeError`` for any of ``values`` that does not match the ``int`` / ``float`` / ``bool`` annotation of
+    ``fn``'s parameter of that name (``True`` is no int); the signature is the one list of what is checked."""
+    for name, parameter in inspect.signature(fn).parameters.items():
+        if name in values and parameter.annotation in _CHECKED:
+            check_type(name, values[name], _CHECKED[parameter.annotation])
+
 
 # click_fn(iteration, previous full-resolution logits or None) -> (points [B, N, 3], point_labels [B, N])
 ClickFn = Callable[[int, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
@@ -93,6 +83,7 @@ def build_parts(
 ) -> MSAMParts:
     """Build the image encoder, prompt encoder, mask decoder and (``use_mea``) MEA of the given sizes, in that order
     (the order of their random initialisation); the defaults are the paper's model."""
+    check_arguments(build_parts, locals())
     grid = image_size // patch_size
     embedding_size = (grid, grid, grid)
     return MSAMParts(
@@ -198,13 +189,7 @@ class MSAM(UsesComputePath, nn.Module):
         click_stamp_sigma: float = 1.0,
     ) -> None:
         super().__init__()
-        for name, value in list(locals().items()):
-            if name in _INT_ARGS:
-                check_type(name, value, int)
-            elif name in ("encoder_mlp_ratio", "mea_mlp_ratio", "click_stamp", "click_stamp_sigma"):
-                check_type(name, value, (int, float))
-            elif name == "use_mea":
-                check_type(name, value, bool)
+        check_arguments(MSAM.__init__, locals())
         self.path = compute_path(attention_impl)
         _check_click_stamp(click_stamp, click_stamp_sigma)  # before the (slow, full-size) modules are built
         parts = build_parts(
