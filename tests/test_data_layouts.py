@@ -325,3 +325,16 @@ def test_cli_writes_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     kits_args = ["--layout", "kits19", "--out", str(tmp_path / "k"), "--num-cases", "1", "--shape", "24", "24", "16"]
     assert synthetic_main(kits_args) == 0
     assert len(kits19_datalist(tmp_path / "k")) == 1
+
+
+def test_large_lesion_case_is_longer_than_a_window() -> None:
+    """The large-lesion benchmark's case: one connected tumour longer than the 192 mm full-size window, CT densities."""
+    from msam_components.data.synthetic import CT_HU, large_lesion_ct_case
+
+    image, seg = large_lesion_ct_case(0)
+    tumour = seg == 2
+    assert set(np.unique(seg).tolist()) == {0, 1, 2} and ndimage.label(tumour)[1] == 1
+    assert np.ptp(np.argwhere(tumour)[:, 2]) * 2.5 > 192.0
+    low, high = CT_HU["tumour"]
+    assert low - 30 < float(np.median(image[tumour])) < high + 30
+    assert np.array_equal(large_lesion_ct_case(0)[1], seg)  # seeded

@@ -45,14 +45,25 @@ class OracleMSAM(torch.nn.Module):
         return torch.where(torch.as_tensor(keep), 8.0, -8.0)[None, None]
 
 
-def _run(image: torch.Tensor, click: list[int], grow: int) -> tuple[torch.Tensor, ClickInferer]:
+class CopyingOracle(OracleMSAM):
+    """Like a model that follows its fed-back mask: given a non-empty mask prompt it returns that mask unchanged."""
+
+    def decode(self, state, points, labels, low_res):
+        if low_res is not None and bool((low_res > 0).any()):
+            return torch.where(low_res > 0, 8.0, -8.0)
+        return super().decode(state, points, labels, low_res)
+
+
+def _run(
+    image: torch.Tensor, click: list[int], grow: int, model: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, ClickInferer]:
     crop = CropOrPadAroundClicksd(keys="image", spatial_size=S, center="first", multi_window=True, grow_margin=3 * S)
     data = crop({"image": image, "foreground": [click], "background": []})
     inferer = ClickInferer(mode="cumulative", max_grow_windows=grow)
     with torch.no_grad():
         logits = inferer(
             data["image"][None],
-            OracleMSAM(),
+            model or OracleMSAM(),
             data["foreground"][None],
             data["background"][None],
             click_windows=data["click_windows"],
@@ -69,6 +80,25 @@ def test_a_lesion_longer_than_the_window_is_followed_to_its_end() -> None:
     assert 0 < one.sum() < lesion.sum()  # one window: the tube is cut at the window's face
     grown, inferer = _run(image, [10, 10, 10], grow=8)
     assert torch.equal(grown, lesion) and inferer.last_grown_windows >= 4
+
+
+def test_added_windows_are_decoded_from_their_click_not_from_the_mask_so_far() -> None:
+    """A model that reproduces its mask prompt still follows the lesion: an added window gets no mask prompt."""
+    image = -torch.ones(1, 64, 24, 24)
+    image[0, 6:58, 8:14, 8:14] = 1.0
+    grown, inferer = _run(image, [10, 10, 10], grow=8, model=CopyingOracle())
+    assert torch.equal(grown, image[0] > 0) and inferer.last_grown_windows >= 4
+
+
+def test_the_face_most_of_the_mask_crosses_is_followed_first() -> None:
+    """A thin line leaving along axis 0 and a thick tube along axis 1: the single window goes to the tube (the
+    faces used to be tried in axis order, which sent it along the line)."""
+    image = -torch.ones(1, 40, 64, 24)
+    image[0, 6:12, 2:30, 6:12] = 1.0  # thick, leaves the first window at its far face in axis 1
+    image[0, 6:40, 8, 8] = 1.0  # a one-voxel line through it, leaving in axis 0
+    mask, inferer = _run(image, [8, 4, 8], grow=1)
+    assert inferer.last_grown_windows == 1
+    assert bool(mask[6:12, 16:24, 6:12].all()) and not bool(mask[24:40, 8, 8].any())
 
 
 def test_growth_stops_at_the_limit_and_at_the_image_border() -> None:

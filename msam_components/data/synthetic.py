@@ -16,7 +16,14 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["make_brats21_like", "make_imagestr_like", "make_kits19_like", "make_msd_like", "main"]
+__all__ = [
+    "large_lesion_ct_case",
+    "make_brats21_like",
+    "make_imagestr_like",
+    "make_kits19_like",
+    "make_msd_like",
+    "main",
+]
 
 PathLike = str | os.PathLike
 Shape = tuple[int, int, int]
@@ -327,6 +334,36 @@ def _brats_case(
         inside_values = img[brain]
         volumes[mod] = np.where(brain, (img - inside_values.mean()) / inside_values.std(), 0.0).astype(np.float32)
     return volumes, seg
+
+
+def large_lesion_ct_case(
+    seed: int,
+    shape: Sequence[int] = (96, 96, 104),
+    spacing: Sequence[float] = (1.5, 1.5, 2.5),
+    length_mm: float = 190.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A KiTS19-like CT (int16 HU, labels 1 kidney 2 tumour) with ONE irregular tumour about ``length_mm`` long,
+    running from beside a kidney along the body axis: longer than a model window, for the large-lesion benchmark.
+
+    The anatomy, look-alikes and intensities are those of :func:`make_kits19_like`'s cases (without their tumours).
+    """
+    shape = _check_shape(shape)
+    rng = _case_rng(seed, 0)
+    image, seg = _ct_case(rng, shape, spacing, num_lesions=(0, 0))
+    grid = _mm_grid(shape, spacing)
+    kidney = np.argwhere(seg == 1) * np.asarray(spacing, dtype=float)
+    middle = kidney.mean(0)
+    one_side = kidney[:, 0] < middle[0] if rng.random() < 0.5 else kidney[:, 0] >= middle[0]
+    start = kidney[one_side].mean(0) + np.array([14.0, 0.0, -length_mm / 2.0])
+    tumour = np.zeros(shape, dtype=bool)
+    for z in np.arange(0.0, length_mm, 12.0):  # a chain of overlapping lumpy lobes
+        centre = start + np.array([rng.normal(0.0, 3.0), rng.normal(0.0, 3.0), z])
+        tumour |= _lumpy_mm(rng, grid, shape, centre, rng.uniform(16.0, 22.0))
+    tumour = _largest_component(tumour & ndimage.binary_erosion(image > -500, iterations=6))
+    hu = image.astype(float)
+    hu[tumour] = rng.uniform(*CT_HU["tumour"]) + rng.normal(0.0, 12.0, size=int(tumour.sum()))
+    seg[tumour] = 2
+    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), seg
 
 
 def make_kits19_like(

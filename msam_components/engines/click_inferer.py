@@ -151,8 +151,10 @@ class ClickInferer(Inferer):
     (batch 1), and the logits are merged by maximum into an input-sized map (``OUTSIDE_LOGIT`` where no window
     reaches). With ``max_grow_windows`` a lesion that leaves its window is followed: wherever the mask so far
     (logits > ``grow_threshold``) touches a window face that is not the input's edge, a window shifted by half a window
-    across that face is added, seeded with the mask so far (as its starting mask) and a positive click at the seed's
-    deepest voxel, until no face is touched or ``max_grow_windows`` windows were added (``last_grown_windows``).
+    across that face is added (the face most mask voxels cross first) and decoded from one positive click at the
+    deepest voxel of the mask so far inside it, without a mask prompt (given the mask as its prompt, the demo model
+    reproduced it instead of extending it), until no face is touched or ``max_grow_windows`` windows were added
+    (``last_grown_windows``).
     """
 
     def __init__(
@@ -323,33 +325,39 @@ class ClickInferer(Inferer):
     def _grow(
         self, inputs: torch.Tensor, network: MSAM, merged: torch.Tensor, starts: list[tuple[int, ...]], bg: torch.Tensor
     ) -> int:
-        """Add windows along the mask where it leaves its windows (see the class doc); returns the decode steps."""
+        """Add windows along the mask where it leaves its windows (see the class doc); returns the decode steps.
+
+        The face the most mask voxels cross is followed first (over every window so far), so a lesion's long axis gets
+        the window budget before the edges of a wide false-positive region do.
+        """
         self.last_grown_windows = 0
         size, extent = network.image_size, [int(n) for n in inputs.shape[2:]]
-        seen, frontier, steps = set(starts), list(starts), 0
-        while frontier and self.last_grown_windows < self.max_grow_windows:
-            start = frontier.pop(0)
-            window = (..., *(slice(a, a + size) for a in start))
-            inside = merged[window][0, 0] > self.grow_threshold
-            for axis in range(3):
-                for side in (-1, 1):
-                    face = inside.select(axis, 0 if side < 0 else size - 1)
-                    new = list(start)
-                    new[axis] = min(max(start[axis] + side * (size // 2), 0), extent[axis] - size)
-                    if not bool(face.any()) or tuple(new) in seen or self.last_grown_windows >= self.max_grow_windows:
-                        continue
-                    region = (..., *(slice(a, a + size) for a in new))
-                    seed = merged[region] > self.grow_threshold
-                    origin = torch.tensor(new, device=inputs.device)
-                    deepest = _deepest_voxel(seed[0, 0].detach().cpu().numpy())  # as the "center" click rule
-                    click = torch.tensor(deepest, device=inputs.device).view(1, 1, 3)
-                    in_window = ((bg >= origin) & (bg < origin + size)).all(dim=1)
-                    logits = self(inputs[region], network, click, (bg[in_window] - origin)[None], None, seed)
-                    merged[region] = torch.maximum(merged[region], logits)
-                    steps += self.last_decode_steps
-                    seen.add(tuple(new))
-                    frontier.append(tuple(new))
-                    self.last_grown_windows += 1
+        seen, steps = set(starts), 0
+        while self.last_grown_windows < self.max_grow_windows:
+            crossing, new = 0, None
+            for start in seen:
+                inside = merged[(..., *(slice(a, a + size) for a in start))][0, 0] > self.grow_threshold
+                for axis in range(3):
+                    for side in (-1, 1):
+                        shifted = list(start)
+                        shifted[axis] = min(max(start[axis] + side * (size // 2), 0), extent[axis] - size)
+                        count = int(inside.select(axis, 0 if side < 0 else size - 1).sum())
+                        if tuple(shifted) not in seen and count > crossing:
+                            crossing, new = count, tuple(shifted)
+            if new is None:
+                break
+            region = (..., *(slice(a, a + size) for a in new))
+            seed = merged[region] > self.grow_threshold
+            origin = torch.tensor(new, device=inputs.device)
+            deepest = _deepest_voxel(seed[0, 0].detach().cpu().numpy())  # as the "center" click rule
+            click = torch.tensor(deepest, device=inputs.device).view(1, 1, 3)
+            in_window = ((bg >= origin) & (bg < origin + size)).all(dim=1)
+            # the click alone, no mask prompt: given the mask so far, a model reproduces it and does not extend it
+            logits = self(inputs[region], network, click, (bg[in_window] - origin)[None])
+            merged[region] = torch.maximum(merged[region], logits)
+            steps += self.last_decode_steps
+            seen.add(new)
+            self.last_grown_windows += 1
         return steps
 
     def _start_prompt(self, inputs: torch.Tensor, network: MSAM, mask: torch.Tensor | None) -> torch.Tensor | None:
