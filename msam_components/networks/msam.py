@@ -20,15 +20,16 @@ from .mea import MaskEnhancedAdapter
 from .prompt_encoder import PromptEncoder3D
 
 ENCODER_TRAINABLE_MODES = ("lora", "frozen", "full")
-_CHECKED = {"int": int, "float": (int, float), "bool": bool}
+_CHECKED = {"int": int, "float": (int, float), "bool": bool}  # by annotation name: a string or a class
 
 
 def check_arguments(fn: Callable, values: dict[str, object]) -> None:
     """``TypeError`` for any of ``values`` that does not match the ``int`` / ``float`` / ``bool`` annotation of
     ``fn``'s parameter of that name (``True`` is no int); the signature is the one list of what is checked."""
     for name, parameter in inspect.signature(fn).parameters.items():
-        if name in values and parameter.annotation in _CHECKED:
-            check_type(name, values[name], _CHECKED[parameter.annotation])
+        annotation = getattr(parameter.annotation, "__name__", parameter.annotation)
+        if name in values and annotation in _CHECKED:
+            check_type(name, values[name], _CHECKED[annotation])
 
 
 # click_fn(iteration, previous full-resolution logits or None) -> (points [B, N, 3], point_labels [B, N])
@@ -192,32 +193,8 @@ class MSAM(UsesComputePath, nn.Module):
         check_arguments(MSAM.__init__, locals())
         self.path = compute_path(attention_impl)
         _check_click_stamp(click_stamp, click_stamp_sigma)  # before the (slow, full-size) modules are built
-        parts = build_parts(
-            image_size=image_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            encoder_embed_dim=encoder_embed_dim,
-            encoder_depth=encoder_depth,
-            encoder_num_heads=encoder_num_heads,
-            encoder_mlp_ratio=encoder_mlp_ratio,
-            encoder_global_attn_indexes=encoder_global_attn_indexes,
-            encoder_window_size=encoder_window_size,
-            prompt_embed_dim=prompt_embed_dim,
-            mask_in_chans=mask_in_chans,
-            decoder_transformer_depth=decoder_transformer_depth,
-            decoder_num_heads=decoder_num_heads,
-            decoder_mlp_dim=decoder_mlp_dim,
-            decoder_attention_downsample_rate=decoder_attention_downsample_rate,
-            num_multimask_outputs=num_multimask_outputs,
-            iou_head_depth=iou_head_depth,
-            iou_head_hidden_dim=iou_head_hidden_dim,
-            use_mea=use_mea,
-            mea_num_heads=mea_num_heads,
-            mea_mlp_ratio=mea_mlp_ratio,
-            mea_num_blocks=mea_num_blocks,
-            rel_pos_layout=rel_pos_layout,
-            attention_impl=attention_impl,
-        )
+        given = locals()
+        parts = build_parts(**{name: given[name] for name in inspect.signature(build_parts).parameters})
         self._assemble(parts, lora_rank, encoder_trainable, click_stamp, click_stamp_sigma)
 
     @classmethod
