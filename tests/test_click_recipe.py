@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import small_msam_kwargs
+from scipy import ndimage
 
 from msam_components.engines import ClickInferer, EmbeddingCache, IterativeClickRefinement
 from msam_components.networks import MSAM
@@ -224,3 +225,24 @@ def test_click_stamp_writes_clicks_into_the_mask_prompt() -> None:
     assert not torch.allclose(a, b) and torch.allclose(b, c, atol=1e-5)
     with pytest.raises(ValueError, match="click_stamp"):
         MSAM(**small_msam_kwargs(click_stamp=-1.0))
+
+
+def _interior_click_whole_volume(region: np.ndarray, rng: np.random.RandomState) -> list[int]:
+    """The interior draw written out on the whole zero-padded volume (the definition the cropped EDT must match)."""
+    dist = ndimage.distance_transform_edt(np.pad(region, 1, constant_values=False))[1:-1, 1:-1, 1:-1]
+    candidates = np.flatnonzero(dist >= 0.5 * dist.max())
+    return [int(i) for i in np.unravel_index(int(candidates[int(rng.randint(len(candidates)))]), region.shape)]
+
+
+def test_interior_click_on_the_bounding_box_equals_the_whole_volume() -> None:
+    """The EDT on the error region's bounding box draws the same voxel from the same seed as on the whole volume."""
+    gen = np.random.RandomState(3)
+    for trial in range(12):
+        region = ndimage.binary_opening(ndimage.gaussian_filter(gen.rand(24, 20, 28), 2.0) > 0.52)
+        region[:, :, :3] = trial % 3 == 0  # some regions touch the image edge
+        region = ndimage.label(region)[0] == 1  # one component: the largest error region is itself
+        if not region.any():
+            continue
+        label = torch.from_numpy(region.astype(np.float32))[None]
+        click = sample_click(None, label, np.random.RandomState(trial), "interior")
+        assert click.point.tolist() == _interior_click_whole_volume(region, np.random.RandomState(trial))

@@ -131,19 +131,30 @@ def _random_click(fn: torch.Tensor, fp: torch.Tensor, rng: np.random.RandomState
     return Click(point=point, label=1 if bool(fn.reshape(-1)[flat]) else 0, valid=True)
 
 
-def _deepest_voxel(region: np.ndarray) -> tuple[int, int, int]:
-    """Voxel of maximum distance to the region's boundary (image edge counts as boundary; first maximum in C order).
+def _bounding_box(region: np.ndarray) -> tuple[slice, ...]:
+    """The tight bounding box of a non-empty boolean volume, as slices."""
+    return tuple(
+        slice(int(idx[0]), int(idx[-1]) + 1)
+        for idx in (np.flatnonzero(region.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3))
+    )
 
-    The EDT is computed on the region's bounding box padded with one background voxel per side, which gives exactly the
-    same distances as the whole zero-padded volume (the nearest background voxel is never farther than the padding
-    layer) and keeps C order, while being much cheaper for small regions.
+
+def _region_depth(region: np.ndarray) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Distance of each voxel of ``region``'s bounding box to the region's boundary (image edge counts as boundary).
+
+    The EDT runs on the bounding box padded with one background voxel per side, which gives exactly the distances of
+    the whole zero-padded volume (the nearest background voxel is never farther than the padding layer) and keeps C
+    order inside the box, while being much cheaper for small regions. Returns the distances and the box.
     """
-    lo = [int(np.flatnonzero(region.any(axis=tuple(a for a in range(3) if a != ax)))[0]) for ax in range(3)]
-    hi = [int(np.flatnonzero(region.any(axis=tuple(a for a in range(3) if a != ax)))[-1]) + 1 for ax in range(3)]
-    crop = region[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-    dist = ndimage.distance_transform_edt(np.pad(crop, 1, constant_values=False))[1:-1, 1:-1, 1:-1]
+    box = _bounding_box(region)
+    return ndimage.distance_transform_edt(np.pad(region[box], 1, constant_values=False))[1:-1, 1:-1, 1:-1], box
+
+
+def _deepest_voxel(region: np.ndarray) -> tuple[int, int, int]:
+    """Voxel of maximum distance to the region's boundary (image edge counts as boundary; first maximum in C order)."""
+    dist, box = _region_depth(region)
     idx = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return tuple(int(i) + o for i, o in zip(idx, lo))  # type: ignore[return-value]
+    return tuple(int(i) + b.start for i, b in zip(idx, box))  # type: ignore[return-value]
 
 
 def _center_click(fn: torch.Tensor, fp: torch.Tensor) -> Click:
@@ -172,10 +183,12 @@ def _interior_click(fn: torch.Tensor, fp: torch.Tensor, rng: np.random.RandomSta
             best = (int(sizes[largest]), positive, components == largest + 1)
     assert best is not None
     _, positive, region = best
-    dist = ndimage.distance_transform_edt(np.pad(region, 1, constant_values=False))[1:-1, 1:-1, 1:-1]
+    dist, box = _region_depth(region)  # candidates in C order of the box = their C order in the volume
     candidates = np.flatnonzero(dist >= 0.5 * dist.max())
     flat = int(candidates[int(rng.randint(len(candidates)))])
-    point = torch.tensor(np.unravel_index(flat, region.shape), dtype=torch.int64, device=fn.device)
+    point = torch.tensor(
+        [int(i) + b.start for i, b in zip(np.unravel_index(flat, dist.shape), box)], dtype=torch.int64, device=fn.device
+    )
     return Click(point=point, label=1 if positive else 0, valid=True)
 
 
