@@ -1,6 +1,7 @@
 """Ignite/MONAI engine parts: the click-loop iteration, click inferer, per-click metrics, optimiser and schedule."""
 
 from .checkpointing import TrainingCheckpoint, atomic_torch_save
+from .click_effects import negative_click_effects
 from .click_inferer import ClickHistory, ClickInferer, EmbeddingCache
 from .click_metrics import ClickMetricsHandler, summarise_click_metrics
 from .interaction import (
@@ -32,6 +33,7 @@ __all__ = [
     "msam_lr_milestones",
     "msam_lr_scheduler",
     "msam_optimizer",
+    "negative_click_effects",
     "summarise_click_metrics",
     "summarise_lesions",
     "TrainingCheckpoint",
