@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "kits19_like_arrays",
     "large_lesion_ct_case",
     "make_brats21_like",
     "make_imagestr_like",
@@ -364,6 +365,16 @@ def large_lesion_ct_case(
     hu[tumour] = rng.uniform(*CT_HU["tumour"]) + rng.normal(0.0, 12.0, size=int(tumour.sum()))
     seg[tumour] = 2
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), seg
+
+
+def kits19_like_arrays(
+    seed: int = 0, index: int = 0, shape: Sequence[int] = (96, 96, 64), spacing: Sequence[float] = (1.5, 1.5, 2.5)
+) -> tuple[np.ndarray, np.ndarray]:
+    """One case of :func:`make_kits19_like` in memory: CT HU (int16) and labels (uint8: 1 kidney, 2 tumour).
+
+    ``make_kits19_like(..., seed=seed)`` writes this same case as ``case_{index:05d}``.
+    """
+    return _ct_case(_case_rng(seed, index), _check_shape(shape), spacing)
 
 
 def make_kits19_like(
