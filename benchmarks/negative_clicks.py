@@ -12,13 +12,14 @@ model of ``make demo``::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from msam_components.engines import negative_click_effects
+from msam_components.engines import binarise, negative_click_effects
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "msam_kits19"
 
@@ -53,7 +54,11 @@ def main() -> None:
         wf.parser["eval_data"] = "$@datalist"
         wf.parser["validate#click_loop#keep_click_logits"] = True
         wf.initialize()
-        threshold = float(wf.parser.get_parsed_content("click_threshold"))
+        predicted = functools.partial(  # the evaluation's own binarisation
+            binarise,
+            threshold=float(wf.parser.get_parsed_content("click_threshold")),
+            threshold_on=wf.parser.get_parsed_content("click_threshold_on"),
+        )
         effects: list[tuple[int, int, float, float]] = []
 
         def collect(engine) -> None:
@@ -61,7 +66,7 @@ def main() -> None:
                 label = o["label"][0].cpu() > 0
                 effects.extend(
                     negative_click_effects(
-                        o["click_logits"].cpu(), o["click_points"].cpu(), o["click_labels"].cpu(), label, threshold
+                        o["click_logits"].cpu(), o["click_points"].cpu(), o["click_labels"].cpu(), label, predicted
                     )
                 )
 

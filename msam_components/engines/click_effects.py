@@ -7,6 +7,8 @@ correct"). Used by ``benchmarks/negative_clicks.py`` and the learning test.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from scipy import ndimage
 
@@ -14,18 +16,24 @@ __all__ = ["negative_click_effects"]
 
 
 def negative_click_effects(
-    logits: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, label: torch.Tensor, threshold: float = 0.5
+    logits: torch.Tensor,
+    points: torch.Tensor,
+    labels: torch.Tensor,
+    label: torch.Tensor,
+    predicted: Callable[[torch.Tensor], torch.Tensor] = lambda x: x > 0.5,
 ) -> list[tuple[int, int, float, float]]:
     """``(click number, region voxels, share of the region cleared, share of the rest of the mask kept)`` for each
     negative click placed in a false positive of the previous mask (a 6-connected component of predicted non-lesion
     voxels). ``logits`` ``[K, D, H, W]`` after each click, ``points`` ``[K, 3]``, ``labels`` ``[K]`` (1/0/-1),
-    ``label`` ``[D, H, W]``; the kept share is NaN when the previous mask held nothing but that region."""
+    ``label`` ``[D, H, W]``; ``predicted`` binarises logits as the evaluation does (as for ``click_compliance``, e.g.
+    ``functools.partial(binarise, threshold=0.5, threshold_on="logits")``). The kept share is NaN when the previous mask
+    held nothing but that region."""
     lesion = label.bool()
     effects = []
     for k in range(1, logits.shape[0]):
         if int(labels[k]) != 0:
             continue
-        before, after = logits[k - 1] > threshold, logits[k] > threshold
+        before, after = predicted(logits[k - 1]), predicted(logits[k])
         components = ndimage.label((before & ~lesion).cpu().numpy())[0]
         hit = int(components[tuple(int(i) for i in points[k])])
         if hit == 0:  # not in a false positive of the previous mask
