@@ -16,6 +16,8 @@ from monai.transforms import Compose, LoadImaged, Orientationd, Spacingd
 from msam_components.transforms import CropOrPadAroundClicksd, MapClicksToImaged, PasteWindowd, window_geometry
 from msam_components.transforms.paste import mask_volume, zero_preserving
 
+pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
+
 REPO = Path(__file__).resolve().parents[1]
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # explicit, so Orientationd does not warn about its default
 WINDOW = 24
@@ -135,15 +137,37 @@ def test_bbox_inversion_equals_full_invertd(tmp_path: Path, name: str) -> None:
     assert int((reference.as_tensor() >= 0.5).sum()) > 0, "the test prediction must not be empty"
 
 
+# A sample coordinate closer than this to a half-integer is a nearest-neighbour tie: grid_sample (the reference)
+# normalises coordinates through float32 grids, so on a 64-voxel axis its coordinate may be off by a few 2^-24 * 64 ~ 4e-6
+# voxels, and which way a tie rounds depends on the CPU's kernels. 1e-5 covers that with room; measured gaps: < 1e-7.
+TIE_TOLERANCE = 1e-5
+
+
+def _nearest_ties(geometry) -> torch.Tensor:
+    """Input-grid voxels whose sample in the resampled grid lies half-way between two voxels along some axis."""
+    to_resampled = torch.linalg.solve(geometry.resampled_affine, geometry.input_affine)
+    axes = [torch.arange(n, dtype=torch.float64) for n in geometry.input_shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    coords = grid @ to_resampled[:3, :3].T + to_resampled[:3, 3]
+    return ((coords - coords.floor() - 0.5).abs() < TIE_TOLERANCE).any(dim=-1)
+
+
 def test_bbox_inversion_nearest_interp_equals_full_invertd(tmp_path: Path) -> None:
+    """Nearest-neighbour inversion equals Invertd's on every voxel that is not a tie; ties are the grids' own.
+
+    The oblique image's axes stay parallel through reorientation and resampling, so the mapping is a rational scaling
+    per axis (0.9 / 1.5 mm = 0.6): whole planes of input voxels sample exactly half-way between two resampled voxels
+    (12.5 % of them here), and each implementation rounds those either way under float rounding.
+    """
     path, click = _nifti(tmp_path, "oblique")
     pipeline = _pipeline()
     data = _predicted(path, click, pipeline)
     reference, fast = _both(data, pipeline, nearest_interp=True, dtype=None)
-    # nearest-neighbour ties (a sample half-way between voxels) may round either way under float rounding
-    differs = fast.as_tensor() != reference.as_tensor()
-    assert float(differs.float().mean()) < 0.01
-    assert _dice(fast.as_tensor() >= 0.5, reference.as_tensor() >= 0.5) >= 0.99
+    ties = _nearest_ties(window_geometry(data["image"]))
+    differs = (fast.as_tensor() != reference.as_tensor())[0]
+    assert float(ties.float().mean()) < 0.2, "the test geometry should leave most voxels away from ties"
+    assert int((reference.as_tensor()[0][~ties] != 0).sum()) > 1000, "the compared voxels must hold the prediction"
+    assert int((differs & ~ties).sum()) == 0, f"{int((differs & ~ties).sum())} voxels differ that are not ties"
 
 
 def test_bbox_inversion_resamples_only_the_box(tmp_path: Path) -> None:
