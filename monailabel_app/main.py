@@ -23,11 +23,13 @@ write stays inside the studies folder. ``POST /train/<bundle>/restore`` serves t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import HTTPException
@@ -77,6 +79,7 @@ class MSAMApp(MONAILabelApp):
         self._infer_slots = threading.BoundedSemaphore(self.limits.max_pending_infers)
         self.bundles_root = Path(conf.get("bundles", APP_DIR.parent / "bundles")).expanduser().resolve()
         self.bundle_dirs = discover_bundles(self.bundles_root, conf.get("models", "all"))
+        settings.MONAI_LABEL_SESSIONS = False  # the stock session upload unpacks anywhere; lib/stock_routes.py says so
         if not self.bundle_dirs:
             raise ValueError(f"no bundle with configs/inference.yaml under {self.bundles_root}")
         super().__init__(
@@ -147,11 +150,16 @@ class MSAMApp(MONAILabelApp):
         return self.run_infer(request)
 
     def run_infer(
-        self, request: dict[str, Any], upload: str | None = None, initial_mask: str | None = None
+        self,
+        request: dict[str, Any],
+        upload: str | None = None,
+        initial_mask: str | None = None,
+        slot_held: bool = False,
     ) -> dict[str, Any]:
         """Segment a datastore image (``request["image"]`` is its id) or an already checked upload, optionally starting
         from an uploaded label (``initial_mask``, a checked temporary file) and saving the mask as the image's label
-        ``label_tag``; at most ``max_pending_infers`` run or wait at once (else 429)."""
+        ``label_tag``; at most ``max_pending_infers`` run or wait at once (else 429). ``slot_held``: the caller already
+        holds a slot (:meth:`infer_slot`, taken before the request's body was read)."""
         task = self._task(self._infers, request.get("model"), "models")
         request = {k: v for k, v in request.items() if k != "initial_mask"}  # a path only ever comes from an upload
         if initial_mask is not None:
@@ -169,14 +177,8 @@ class MSAMApp(MONAILabelApp):
             if save_label:
                 check_name(tag, "label_tag")
             request["image"] = self.datastore().image_path_of(image_id)
-        if not self._infer_slots.acquire(blocking=False):
-            raise HTTPException(
-                429, f"busy: {self.limits.max_pending_infers} inferences running or waiting (--conf max_pending_infers)"
-            )
-        try:
+        with contextlib.nullcontext() if slot_held else self.infer_slot():
             out, params = task(request)
-        finally:
-            self._infer_slots.release()
         label = out
         if save_label:
             try:
@@ -190,6 +192,18 @@ class MSAMApp(MONAILabelApp):
             "file": out,
             "params": params,
         }
+
+    @contextlib.contextmanager
+    def infer_slot(self) -> Iterator[None]:
+        """Hold one of the ``max_pending_infers`` inference slots for the block; 429 at once when none is free."""
+        if not self._infer_slots.acquire(blocking=False):
+            raise HTTPException(
+                429, f"busy: {self.limits.max_pending_infers} inferences running or waiting (--conf max_pending_infers)"
+            )
+        try:
+            yield
+        finally:
+            self._infer_slots.release()
 
     def trainer_names(self) -> list[str]:
         """Names of the models that can be trained."""

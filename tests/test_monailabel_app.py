@@ -106,6 +106,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     nib.save(nib.Nifti1Image(big, np.eye(4)), str(studies / "big_case.nii"))
     (root / "outside").mkdir()
     (root / "tmp").mkdir()
+    # a study and its label that are links to files outside the studies folder: never served, listed or trained on
+    shutil.copy(studies / "case_00001.nii.gz", root / "outside" / "secret.nii.gz")
+    shutil.copy(studies / "labels" / "final" / "case_00001.nii.gz", root / "outside" / "secret_label.nii.gz")
+    (studies / "linked_case.nii.gz").symlink_to(root / "outside" / "secret.nii.gz")
+    (studies / "labels" / "final" / "linked_case.nii.gz").symlink_to(root / "outside" / "secret_label.nii.gz")
+    shutil.copy(studies / "case_00001.nii.gz", studies / "case_00003.nii.gz")  # a real image whose label links out
+    (studies / "labels" / "final" / "case_00003.nii.gz").symlink_to(root / "outside" / "secret_label.nii.gz")
+    nib.save(nib.Nifti1Image(big, np.eye(4)), str(studies / "big_case_2.nii"))  # first clicked in the rate-limit test
     port = _free_port()
     cmd = readme_start_command()
     values = {"/data/images": str(studies), "8000": str(port), "/weights/msam_kits19.pt": str(ckpt)}
@@ -118,8 +126,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         "HOME": str(root),
         "TMPDIR": str(root / "tmp"),
         "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
-        "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
-        "MONAI_LABEL_SESSIONS": "false",
+        "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",  # sessions stay as the README's command leaves them
         "OMP_NUM_THREADS": "2",
     }
     log = open(root / "server.log", "w")
@@ -323,11 +330,11 @@ def test_train_or_restore_unknown_model_is_404(server: dict) -> None:
 
 
 def _leftovers(server: dict) -> list[str]:
-    """Temporary upload/result files the server left in its TMPDIR (training work folders are kept on purpose)."""
+    """Temporary upload, result, dataset and training files the server left in its TMPDIR."""
     deadline = time.monotonic() + 5
     while True:
         names = sorted(p.name for p in (server["root"] / "tmp").iterdir() if p.name not in server["tmp_at_start"])
-        names = [n for n in names if not n.startswith(("msam_train_", "torchinductor_"))]  # training records, torch
+        names = [n for n in names if not n.startswith("torchinductor_")]  # torch's compile cache
         if not names or time.monotonic() > deadline:
             return names
         time.sleep(0.2)
@@ -336,7 +343,8 @@ def _leftovers(server: dict) -> list[str]:
 def _outside_files(server: dict) -> list[str]:
     """Files anywhere under the test's root except the studies, the server's TMPDIR and what the fixture wrote."""
     root = server["root"]
-    known = {"model.pt", "model.pt.prev", "server.log", "first.nii.gz", "again.nii.gz"}
+    known = {"model.pt", "model.pt.prev", "model.pt.train.lock", "server.log", "first.nii.gz", "again.nii.gz"}
+    known |= {"outside/secret.nii.gz", "outside/secret_label.nii.gz"}
     found = []
     for path in root.rglob("*"):
         rel = path.relative_to(root)
@@ -750,3 +758,262 @@ def test_clicks_on_lesions_far_apart_get_one_window_each(server: dict) -> None:
     outside = _infer_image(server, "big_case", {"foreground": [[110, 110, 90], [400, 190, 150]]})
     assert outside.status_code == 400 and "outside the image" in outside.json()["detail"]
     assert nib.load(str(server["studies"] / "big_case.nii")).shape == BIG_SHAPE
+
+
+# ---- second hardening round: stock endpoints, links, weights, training, rate limit (README's start command) ----
+
+
+def _tar_gz(members: list[tuple[str, bytes | str]]) -> bytes:
+    """A tar.gz whose members are (name, bytes) files or (name, "->target") symbolic links."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(content, str):
+                info.type, info.linkname = tarfile.SYMTYPE, content[2:]
+                tar.addfile(info)
+            else:
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def test_session_uploads_are_refused_before_reading_and_write_nothing(server: dict) -> None:
+    """Sessions are off: a tar with ../, absolute and link members, or one over the upload cap, writes nothing."""
+    import httpx
+
+    base, outside = server["base"], server["root"] / "outside"
+    absolute = Path("/tmp") / f"msam_session_probe_{os.getpid()}"
+    payloads = {
+        "traversal": _tar_gz([("../../../outside/x", b"x")]),
+        "absolute": _tar_gz([(str(absolute), b"x")]),
+        "link": _tar_gz([("link", f"->{outside}"), ("link/y", b"y")]),
+        "over_cap": b"\0" * (3 * 2**20),  # the cap is 2 MB
+    }
+    for name, payload in payloads.items():
+        resp = httpx.put(
+            f"{base}/session/",
+            params={"uncompress": True},
+            files={"files": (f"{name}.tar.gz", payload, "application/gzip")},
+            timeout=REQUEST_TIMEOUT_S,
+        )
+        assert resp.status_code == 403 and "sessions are disabled" in resp.json()["detail"], (name, resp.text)
+    for method in ("GET", "DELETE"):
+        resp = httpx.request(method, f"{base}/session/anything", timeout=REQUEST_TIMEOUT_S)
+        assert resp.status_code == 403 and "sessions are disabled" in resp.json()["detail"], resp.text
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.nii.gz", "secret_label.nii.gz"]
+    assert not absolute.exists() and _outside_files(server) == [] and _leftovers(server) == []
+
+
+def test_links_out_of_the_studies_are_never_read(server: dict) -> None:
+    """A study or label that links outside the studies folder is not listed, served, zipped, described or inferred."""
+    import io
+    import zipfile
+
+    import httpx
+
+    base = server["base"]
+    listing = httpx.get(f"{base}/datastore/", params={"output": "all"}, timeout=REQUEST_TIMEOUT_S)
+    assert listing.status_code == 200 and "linked_case" not in listing.text and "secret" not in listing.text
+    probes = [
+        ("GET", "/datastore/image", {"image": "linked_case"}),
+        ("HEAD", "/datastore/image", {"image": "linked_case"}),
+        ("GET", "/datastore/image/info", {"image": "linked_case"}),
+        ("GET", "/datastore/label", {"label": "linked_case", "tag": "final"}),
+        ("GET", "/datastore/label", {"label": "case_00003", "tag": "final"}),
+        ("HEAD", "/datastore/label", {"image": "case_00003", "tag": "final"}),
+    ]
+    for method, path, params in probes:
+        resp = httpx.request(method, f"{base}{path}", params=params, timeout=REQUEST_TIMEOUT_S)
+        assert resp.status_code == 404, (method, path, params, resp.status_code)
+    assert _infer_image(server, "linked_case", {"foreground": [[1, 1, 1]]}).status_code == 404
+    archive = httpx.get(f"{base}/datastore/dataset", timeout=REQUEST_TIMEOUT_S)
+    assert archive.status_code == 200, archive.text
+    names = zipfile.ZipFile(io.BytesIO(archive.content)).namelist()
+    assert sorted(n.split("/")[-1] for n in names if n.startswith("label/")) == [
+        "case_00000.nii.gz",
+        "case_00001.nii.gz",
+        "case_00002.nii.gz",
+    ], names
+    assert not any("linked_case" in n or "case_00003" in n for n in names)
+    assert _leftovers(server) == []  # the archive is removed once sent
+
+
+def test_served_weights_cannot_be_replaced_or_deleted_over_http(server: dict) -> None:
+    import httpx
+
+    base, before = server["base"], server["ckpt"].read_bytes()
+    put = httpx.put(f"{base}/model/msam_kits19", files={"file": ("w.pt", os.urandom(4096))}, timeout=REQUEST_TIMEOUT_S)
+    assert put.status_code == 403 and "POST /train/msam_kits19" in put.json()["detail"], put.text
+    delete = httpx.delete(f"{base}/model/msam_kits19", timeout=REQUEST_TIMEOUT_S)
+    assert delete.status_code == 403, delete.text
+    unknown = httpx.put(f"{base}/model/nosuch", files={"file": ("w.pt", b"x")}, timeout=REQUEST_TIMEOUT_S)
+    assert unknown.status_code == 404 and "nosuch" in unknown.json()["detail"], unknown.text
+    assert server["ckpt"].read_bytes() == before
+    assert _infer(server, {"foreground": [server["click"]]}).status_code == 200
+    assert _leftovers(server) == []
+
+
+def test_wsi_endpoints_answer_the_same_for_any_path(server: dict) -> None:
+    import httpx
+
+    existing, missing = str(server["image"]), str(server["image"].with_name("missing.nii.gz"))
+    answers = set()
+    for path in ("/infer/wsi/msam_kits19", "/infer/wsi_v2/msam_kits19"):
+        for image in (existing, missing, "case_00000"):
+            resp = httpx.post(f"{server['base']}{path}", params={"image": image}, timeout=REQUEST_TIMEOUT_S)
+            answers.add((resp.status_code, resp.json()["detail"]))
+    assert len(answers) == 1 and next(iter(answers))[0] == 404, answers
+
+
+@pytest.mark.parametrize(
+    "method, path, params, form, code, fragment",
+    [
+        ("DELETE", "/datastore/image", {"id": "nosuch"}, None, 404, "nosuch"),
+        ("DELETE", "/datastore/image", {"id": "../case_00000"}, None, 400, "image id"),
+        ("PUT", "/datastore/image/info", {"image": "nosuch"}, {"info": "{}"}, 404, "nosuch"),
+        ("PUT", "/datastore/image/info", {"image": "case_00000"}, {"info": "{oops"}, 400, "info"),
+        ("PUT", "/datastore/image/info", {"image": "case_00000"}, {"info": "[1]"}, 400, "info"),
+        ("PUT", "/datastore/label/info", {"label": "nosuch", "tag": "final"}, {"info": "{}"}, 404, "nosuch"),
+        ("PUT", "/datastore/label/info", {"label": "case_00000", "tag": "../x"}, {"info": "{}"}, 400, "label tag"),
+        ("PUT", "/datastore/updatelabelinfo", {"label": "nosuch", "tag": "final"}, {"params": "{}"}, 404, "nosuch"),
+        ("PUT", "/datastore/updatelabelinfo", {"label": "case_00000", "tag": "final"}, {"params": "7"}, 400, "info"),
+        ("POST", "/batch/infer/msam_kits19", {}, None, 400, "clicks"),
+        ("POST", "/batch/infer/msam_kits19", {"run_sync": True}, None, 400, "clicks"),
+        ("POST", "/batch/infer/nosuch", {}, None, 404, "nosuch"),
+        ("POST", "/scoring/dice", {}, None, 404, "dice"),
+        ("POST", "/scoring/", {}, None, 404, "scoring method"),
+        ("POST", "/activelearning/nosuch", {}, None, 404, "nosuch"),
+    ],
+)
+def test_stock_endpoints_answer_4xx_naming_the_fault(
+    server: dict, method: str, path: str, params: dict, form: dict | None, code: int, fragment: str
+) -> None:
+    import httpx
+
+    resp = httpx.request(method, f"{server['base']}{path}", params=params, data=form, timeout=REQUEST_TIMEOUT_S)
+    assert resp.status_code == code, resp.text
+    assert fragment in resp.json()["detail"], resp.text
+
+
+def test_checked_stock_endpoints_still_work(server: dict) -> None:
+    """Info updates and active learning do their job through the checked handlers."""
+    import httpx
+
+    base = server["base"]
+    put = httpx.put(
+        f"{base}/datastore/image/info", params={"image": "case_00001"}, data={"info": '{"note": "x"}'}, timeout=30
+    )
+    assert put.status_code == 200, put.text
+    info = httpx.get(f"{base}/datastore/image/info", params={"image": "case_00001"}, timeout=30).json()
+    assert info["note"] == "x" and info["path"].startswith(str(server["studies"].resolve()))
+    nxt = httpx.post(f"{base}/activelearning/random", json={}, timeout=30)
+    assert nxt.status_code == 200, nxt.text
+    assert nxt.json() == {} or nxt.json()["id"] in {p.name.split(".")[0] for p in server["studies"].glob("*.nii*")}
+
+
+def test_a_label_on_another_grid_is_refused_naming_both(server: dict, tmp_path: Path) -> None:
+    import nibabel as nib
+
+    image = nib.load(str(server["image"]))
+    shifted = image.affine.copy()
+    shifted[:3, 3] += 5.0
+    path = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), shifted), str(path))
+    bad = _put_label(server, "case_00000", "final", path.read_bytes())
+    assert bad.status_code == 400, bad.text
+    assert "not on its image's grid" in bad.json()["detail"] and "image affine" in bad.json()["detail"]
+    assert _leftovers(server) == []
+
+
+def test_post_train_trains_only_the_named_models_and_checks_first(server: dict) -> None:
+    import httpx
+
+    def train_named(body: object, run_sync: bool = True):
+        return httpx.post(
+            f"{server['base']}/train/",
+            params={"run_sync": run_sync},
+            content=json.dumps(body),
+            headers={"content-type": "application/json"},
+            timeout=REQUEST_TIMEOUT_S * 3,
+        )
+
+    brats = REPO / "bundles" / "msam_brats21" / "models" / "model.pt"
+    brats_before = brats.stat().st_mtime_ns if brats.exists() else None
+    for body, code, fragment in (
+        ({}, 400, "name the models"),
+        ({"nosuch": {}}, 404, "nosuch"),
+        ({"msam_kits19": {"max_epochs": 1}, "nosuch": {}}, 404, "nosuch"),
+        ({"msam_kits19": {"max_epochs": 99}}, 400, "max_epochs"),
+        ({"msam_kits19": 3}, 400, "JSON object"),
+    ):
+        before = server["ckpt"].read_bytes()
+        bad = train_named(body)
+        assert bad.status_code == code and fragment in bad.json()["detail"], (body, bad.text)
+        assert server["ckpt"].read_bytes() == before
+    good = train_named({"msam_kits19": {"max_epochs": 1}})
+    assert good.status_code == 200, good.text
+    assert list(good.json()) == ["msam_kits19"]
+    assert good.json()["msam_kits19"]["result"]["train_cases"] == 2  # the pairs that link outside are left out
+    assert (brats.stat().st_mtime_ns if brats.exists() else None) == brats_before
+    assert _leftovers(server) == []  # the training work folder is removed
+
+
+def test_concurrent_trainings_of_one_model_are_serialised(server: dict) -> None:
+    results: list = []
+
+    def run() -> None:
+        results.append(_train(server, {"max_epochs": 1}))
+
+    workers = [threading.Thread(target=run) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(REQUEST_TIMEOUT_S * 3)
+    codes = sorted(r.status_code for r in results)
+    assert codes == [200, 409], [r.text for r in results]
+    assert "already running" in next(r for r in results if r.status_code == 409).json()["detail"]
+    assert _leftovers(server) == []
+
+
+def test_a_busy_server_refuses_before_reading_the_upload(server: dict, tmp_path: Path) -> None:
+    """With both inference slots taken by slow first clicks, a truncated upload gets 429 (not 400): the limit is
+    checked before the body is read or decoded."""
+    import httpx
+
+    payload = _write_volume(tmp_path / "t.nii.gz", (48, 40, 32)).read_bytes()
+    truncated = payload[: len(payload) // 2]
+    ends: list[float] = []
+
+    def slow() -> None:
+        _infer_image(server, "big_case_2", {"foreground": [[150, 150, 120]]})
+        ends.append(time.monotonic())
+
+    workers = [threading.Thread(target=slow) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.3)
+    answers: list[tuple[float, int]] = []
+    while not ends:
+        resp = httpx.post(
+            f"{server['base']}/infer/msam_kits19",
+            data={"params": json.dumps({"foreground": [[1, 1, 1]]})},
+            files={"file": ("t.nii.gz", truncated, "application/octet-stream")},
+            timeout=REQUEST_TIMEOUT_S,
+        )
+        answers.append((time.monotonic(), resp.status_code))
+        time.sleep(0.1)
+    for worker in workers:
+        worker.join(REQUEST_TIMEOUT_S)
+    while_busy = [code for at, code in answers if at < min(ends)]
+    assert while_busy and set(while_busy) == {429}, answers
+    assert _leftovers(server) == []
+
+
+def test_background_click_outside_the_window_is_4xx_naming_it(server: dict) -> None:
+    bad = _infer_image(server, "big_case", {"foreground": [[150, 150, 120]], "background": [[2, 2, 2]]})
+    assert bad.status_code == 400, bad.text
+    assert "[[2, 2, 2]]" in bad.json()["detail"] and "background" in bad.json()["detail"]

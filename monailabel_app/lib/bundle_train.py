@@ -7,12 +7,14 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import HTTPException
+from filelock import FileLock, Timeout
 from monai.bundle import ConfigWorkflow
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
@@ -158,7 +160,22 @@ class MSAMBundleTrainTask(TrainTask):
         items = labelled_datalist(datastore)
         if len(items) < 2:
             raise HTTPException(400, f"training needs at least 2 labelled images in the datastore, found {len(items)}")
+        lock = FileLock(str(self.ckpt_path.with_name(self.ckpt_path.name + ".train.lock")))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise HTTPException(
+                409, f"a training of {self.bundle_dir.name} is already running; wait for it to finish"
+            ) from None
         work = Path(tempfile.mkdtemp(prefix=f"msam_train_{self.bundle_dir.name}_"))
+        try:
+            return self._train(params, items, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            lock.release()
+
+    def _train(self, params: dict[str, Any], items: list[dict[str, str]], work: Path) -> dict[str, Any]:
+        """Train in ``work`` (removed afterwards by the caller), score, and serve the new weights if not worse."""
         write_dataset_json(items, work / "data")
         served = self.ckpt_path.is_file()
         override: dict[str, Any] = {
@@ -181,7 +198,11 @@ class MSAMBundleTrainTask(TrainTask):
         logger.info(f"training {self.bundle_dir.name} on {len(items)} labelled images with {params}")
         try:
             workflow = ConfigWorkflow(config_file=files, workflow_type="train", run_id="training", **override)
-            workflow.initialize()
+            hook = sys.excepthook
+            try:
+                workflow.initialize()
+            finally:  # the bundle's initialize installs the CLI's process-ending excepthook: never in the server
+                sys.excepthook = hook
             train_cases, val_cases = workflow.parser.get_parsed_content("data_split")
             if not train_cases or not val_cases:
                 raise HTTPException(
@@ -212,8 +233,6 @@ class MSAMBundleTrainTask(TrainTask):
             raise HTTPException(code, f"training {self.bundle_dir.name} failed: {cause}") from err
         replaced = should_replace(previous_metric, new_metric)
         backup = promote(candidate, self.ckpt_path) if replaced else None
-        shutil.rmtree(work / "ckpt", ignore_errors=True)
-        candidate.unlink(missing_ok=True)
         stats = {
             "epochs": int(trainer.state.epoch),
             "train_cases": len(train_cases),
@@ -225,7 +244,6 @@ class MSAMBundleTrainTask(TrainTask):
             "weights": str(self.ckpt_path),
             "previous_weights": str(backup) if backup else None,
             "weights_written": replaced,
-            "work_dir": str(work),
         }
         verdict = "serving the new weights" if replaced else "kept the served weights (the new ones scored lower)"
         logger.info(f"training {self.bundle_dir.name} finished, {verdict}: {stats}")

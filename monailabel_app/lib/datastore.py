@@ -46,15 +46,44 @@ class ConfinedDatastore(LocalDatastore):
             return False
         return True
 
+    def _confined(self, path: str) -> str:
+        """``path`` resolved (links followed) if it is a file inside the studies folder, else ``""``."""
+        root = os.path.realpath(self._datastore_path)
+        real = os.path.realpath(path) if path else ""
+        if not real or os.path.commonpath([root, real]) != root or not os.path.isfile(real):
+            return ""
+        return real
+
+    def _list_files(self, path: str, patterns: Sequence[str]) -> dict[str, str]:
+        """The studies' image or label files, leaving out links (and anything else) that resolve outside the folder."""
+        files = super()._list_files(path, patterns)
+        kept = {name: file for name, file in files.items() if self._confined(os.path.join(path, file))}
+        for name in sorted(set(files) - set(kept)):
+            logger.warning(f"ignoring {os.path.join(path, name)!r}: it resolves outside the studies folder")
+        return kept
+
     def get_image_uri(self, image_id: str) -> str:
-        """Path of a datastore image, ``""`` for an invalid or unknown id."""
-        return super().get_image_uri(image_id) if self._valid(image_id, "image id") else ""
+        """Resolved path of a datastore image, ``""`` for an invalid or unknown id or one that resolves outside."""
+        return self._confined(super().get_image_uri(image_id)) if self._valid(image_id, "image id") else ""
 
     def get_label_uri(self, label_id: str, label_tag: str) -> str:
-        """Path of a datastore label, ``""`` for an invalid or unknown id or tag."""
+        """Resolved path of a datastore label, ``""`` for an invalid or unknown id or tag or one that resolves outside."""
         if not (self._valid(label_id, "label id") and self._valid(label_tag, "label tag")):
             return ""
-        return super().get_label_uri(label_id, label_tag)
+        return self._confined(super().get_label_uri(label_id, label_tag))
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        """An image's info; 400 for a bad id, 404 for one not in the datastore (or resolving outside it)."""
+        self.image_path_of(image_id)
+        return super().get_image_info(image_id)
+
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        """Image/label pairs with a final label, both resolving inside the studies folder (what training reads)."""
+        items = super().datalist(full_path=True)
+        kept = [d for d in items if self._confined(d["image"]) and self._confined(d["label"])]
+        if len(kept) < len(items):
+            logger.warning(f"datalist: left out {len(items) - len(kept)} pair(s) resolving outside the studies folder")
+        return kept
 
     def image_path_of(self, image_id: str) -> str:
         """Path of an existing datastore image inside the studies folder; 400 for a bad id, 404 naming a missing one."""
@@ -63,7 +92,8 @@ class ConfinedDatastore(LocalDatastore):
         if not uri or not os.path.isfile(uri):
             raise image_not_found(image_id)
         obj = self._datastore.objects[image_id]
-        return inside(self._datastore.image_path(), image_id + obj.image.ext, "image")
+        inside(self._datastore.image_path(), image_id + obj.image.ext, "image")
+        return uri
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         """Store a checked NIfTI volume as ``<studies>/<image_id><ext>`` (atomically) and register it."""

@@ -23,6 +23,7 @@ from fastapi import HTTPException
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 MAX_NAME_LENGTH = 128
 CHUNK = 1 << 20
+AFFINE_TOLERANCE_MM = 1e-3  # NIfTI stores affines in float32: same grid within rounding, not a shifted one
 
 
 @dataclass(frozen=True)
@@ -192,9 +193,16 @@ def check_volume(path: str, limits: Limits, what: str, read_data: bool = True) -
 def check_label_volume(path: str, image_path: str, label_values: Sequence[int], limits: Limits, what: str) -> None:
     """A label upload fits its image: same 3-D shape, integer values among ``label_values``; 4xx otherwise."""
     label = check_volume(path, limits, what, read_data=False)
-    image_shape = tuple(nib.load(image_path).shape[:3])
+    image = nib.load(image_path)
+    image_shape = tuple(image.shape[:3])
     if tuple(label.shape[:3]) != image_shape:
         raise HTTPException(400, f"{what} has shape {list(label.shape[:3])}, its image has {list(image_shape)}")
+    if not np.allclose(label.affine, image.affine, rtol=0.0, atol=AFFINE_TOLERANCE_MM):
+        raise HTTPException(
+            400,
+            f"{what} is not on its image's grid: label affine {np.round(label.affine, 4).tolist()}, image affine "
+            f"{np.round(image.affine, 4).tolist()} (they may differ by at most {AFFINE_TOLERANCE_MM} mm)",
+        )
     try:
         data = np.asarray(label.dataobj)
     except Exception as err:  # noqa: BLE001 - truncated or corrupt data

@@ -22,6 +22,7 @@ from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.async_tasks.task import AsyncTask
 from starlette.concurrency import run_in_threadpool
 
+from . import stock_routes
 from .guard import check_name, check_volume, nifti_extension, parse_params, save_upload
 
 logger = logging.getLogger(__name__)
@@ -44,24 +45,46 @@ def build_router() -> APIRouter:
     admin_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
 
     @router.post("/infer/{model}", summary="Run inference (M-SAM: checked, in a worker thread)")
-    def infer(
+    async def infer(
+        request: Request,
         background_tasks: BackgroundTasks,
         model: str,
         image: str = "",
         session_id: str = "",
-        params: str = Form("{}"),
-        file: UploadFile = File(None),
-        label: UploadFile = File(None),
         output: Optional[ResultType] = None,
         user: User = user_role,
     ) -> Any:
-        """Segment a datastore image (``?image=<id>``) or an uploaded NIfTI from the clicks in ``params``; with a
-        ``label`` upload (on the image's grid, lesion = 1) the clicks edit that mask instead of starting empty."""
+        """Segment a datastore image (``?image=<id>``) or an uploaded NIfTI from the clicks in the form's ``params``;
+        with a ``label`` upload (on the image's grid, lesion = 1) the clicks edit that mask instead of starting empty.
+
+        The request takes one of the ``max_pending_infers`` slots before its body is read, so a busy server answers 429
+        without reading or decoding any upload."""
         app = app_instance()
         if session_id:
             raise HTTPException(400, "sessions are not supported by this app: put the image into the datastore first")
         if output == ResultType.dicom_seg:
             raise HTTPException(400, "output 'dicom_seg' needs a DICOMweb datastore; this app serves local studies")
+        with app.infer_slot():
+            form = await _read_form(request)
+            try:
+                params, file, label = form.get("params", "{}"), form.get("file"), form.get("label")
+                if not isinstance(params, str):
+                    raise HTTPException(400, "form field 'params' must be a JSON string, not a file")
+                for name, value in (("file", file), ("label", label)):
+                    if value is not None and not hasattr(value, "filename"):
+                        raise HTTPException(400, f"form field {name!r} must be a file upload")
+                result = await run_in_threadpool(_infer, app, model, image, params, file, label)
+            finally:
+                if hasattr(form, "close"):
+                    await form.close()
+        try:
+            return send_response(app.datastore(), result, output, background_tasks)
+        except BaseException:
+            _remove(result.get("file"))
+            raise
+
+    def _infer(app: Any, model: str, image: str, params: str, file: Any, label: Any) -> dict[str, Any]:
+        """Check the params and uploads, then segment (in a worker thread, inside the caller's slot)."""
         request = parse_params(params, app.limits)
         for key in RESERVED_INFER_KEYS:
             if key in request:
@@ -79,12 +102,7 @@ def build_router() -> APIRouter:
                 ext = nifti_extension(label.filename, "uploaded label")
                 initial_mask = save_upload(label.file, _subfolder(folder, "label"), ext, app.limits, "uploaded label")
                 check_volume(initial_mask, app.limits, f"uploaded label {os.path.basename(label.filename or '')!r}")
-            result = app.run_infer(request, upload=upload, initial_mask=initial_mask)
-        try:
-            return send_response(app.datastore(), result, output, background_tasks)
-        except BaseException:
-            _remove(result.get("file"))
-            raise
+            return app.run_infer(request, upload=upload, initial_mask=initial_mask, slot_held=True)
 
     def add_image(image: Optional[str], params: str, file: UploadFile, user: User) -> dict[str, Any]:
         """Store an uploaded NIfTI volume under a checked id."""
@@ -154,15 +172,25 @@ def build_router() -> APIRouter:
         return await start_training(model, params, run_sync, enqueue)
 
     @router.post("/train/", include_in_schema=False)
-    async def train_all(request: Request, run_sync: bool = False, user: User = admin_role) -> Any:
-        """Checked ``POST /train/``: the body maps model names to their training parameters."""
+    async def train_named(request: Request, run_sync: bool = False, user: User = admin_role) -> Any:
+        """Checked ``POST /train/``: the body maps the models to train to their parameters; only those are trained.
+
+        Every name and every parameter is checked before any training starts (404 for a model this server does not
+        train, 400 for an empty body or bad parameters)."""
         app = app_instance()
         params = parse_params(await request.body(), app.limits, "training parameters", TRAIN_BODY_BYTES)
-        result = {}
-        for model in app.trainer_names():
-            given = params.get(model, {})
+        if not params:
+            raise HTTPException(
+                400, f'name the models to train: a JSON object such as {{"{app.trainer_names()[0]}": {{}}}}'
+            )
+        for model, given in params.items():
+            if model not in app.trainer_names():
+                raise HTTPException(404, f"unknown model {str(model)[:64]!r}: trainable models {app.trainer_names()}")
             if not isinstance(given, dict):
                 raise HTTPException(400, f"training parameters of {model!r} must be a JSON object")
+            app.validate_train_request(model, given)
+        result = {}
+        for model, given in params.items():
             result[model] = {"result": await start_training(model, given, run_sync, True), "detail": None}
         return result
 
@@ -181,9 +209,21 @@ def _subfolder(folder: str, name: str) -> str:
     return path
 
 
+async def _read_form(request: Request) -> Any:
+    """The multipart form of a request (files spooled to disk by Starlette), with a clear 400 when it is malformed."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        return {}
+    try:
+        return await request.form(max_files=2, max_fields=16)
+    except Exception as err:  # noqa: BLE001 - a malformed or truncated multipart body is the client's fault
+        raise HTTPException(400, f"the request's form data could not be read: {err}") from None
+
+
 def install(fastapi_app: FastAPI) -> None:
     """Put the app's handlers in front of MONAI Label's routes with the same paths (routes match first-come)."""
     router = build_router()
+    router.include_router(stock_routes.build_router())
     before = len(fastapi_app.router.routes)
     fastapi_app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
     ours = fastapi_app.router.routes[before:]
