@@ -3,8 +3,9 @@
 MONAI wraps a transform error in ``RuntimeError: applying transform ...`` and a config error in ``Failed to instantiate
 component ...``; ignite's engines fire ``EXCEPTION_RAISED``, where MONAI's ``StatsHandler`` logs the whole traceback,
 once per nested engine (evaluator inside trainer). The bundle configs call :func:`install_failure_report` in
-``initialize`` and put :class:`FailureReport` first in every handler list: the engines then log one line each, Python
-prints the traceback once, and the last line is the root reason, e.g. ``ERROR: cannot read .../imaging.nii.gz: ...``.
+``initialize`` and put :class:`FailureReport` first in every handler list: the engines then log one line each and the
+run ends with the root reason as one line, e.g. ``ERROR: cannot read .../imaging.nii.gz: ...``; ``MSAM_DEBUG=1``
+prints the traceback above it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ logger = logging.getLogger("msam_components")
 # Messages of exceptions that only wrap the real one (MONAI's transform and config wrappers).
 _WRAPPER_PREFIXES = ("applying transform", "Failed to instantiate component", "Failed to evaluate")
 _WORKER_MARKER = "Original Traceback"
+DEBUG_VARIABLE = "MSAM_DEBUG"  # set (to 1) to get the whole traceback of a failed run
 
 
 def _chain(err: BaseException) -> list[BaseException]:
@@ -51,8 +53,12 @@ def _report(exc_type: type[BaseException], exc: BaseException, tb: TracebackType
     if issubclass(exc_type, KeyboardInterrupt):
         sys.__excepthook__(exc_type, exc, tb)
         return
-    traceback.print_exception(exc_type, exc, tb)
-    print(f"\nERROR: {failure_reason(exc)}", file=sys.stderr, flush=True)
+    if os.environ.get(DEBUG_VARIABLE, "").strip().lower() not in ("", "0", "false", "no"):
+        traceback.print_exception(exc_type, exc, tb)
+        print(f"\nERROR: {failure_reason(exc)}", file=sys.stderr, flush=True)
+    else:
+        print(f"({DEBUG_VARIABLE}=1 prints the traceback)", file=sys.stderr)
+        print(f"ERROR: {failure_reason(exc)}", file=sys.stderr, flush=True)
     # end here: with the error's frames (engines, data loaders, writers) still alive, interpreter teardown can abort
     # the process in native code ("terminate called without an active exception", exit 134) after the message
     sys.stdout.flush()

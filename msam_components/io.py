@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +27,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
             os.fsync(f.fileno())
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+        if is_disk_full(err):
+            raise disk_full_error(path) from err
         raise
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or an exception it wraps) is a write that ran out of space (``ENOSPC``; torch's zip writer then
+    reports only ``unexpected pos ...``)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def disk_full_error(path: str | os.PathLike) -> OSError:
+    """An ``OSError(ENOSPC)`` naming the file that could not be written and the free space left beside it."""
+    folder = Path(path).parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return OSError(errno.ENOSPC, f"cannot write {path}: the disk is full ({free} in {folder}); nothing was replaced")

@@ -363,3 +363,115 @@ def test_failure_reason_skips_monai_wrappers() -> None:
             raise RuntimeError("applying transform <LoadImaged>") from inner
     except RuntimeError as outer:
         assert failure_reason(outer) == "ValueError: bad label in /x/seg.nii.gz"
+
+
+# --- second hardening round: option ranges, headers, splits, one-line errors -----------------------------------------
+
+
+def test_nan_in_the_sform_rotation_is_refused_not_replaced(tmp_path: Path) -> None:
+    """Was: MONAI's reader made an affine from the voxel sizes without a word (exit 0 on an invented grid)."""
+    plain = _nifti(tmp_path / "plain.nii", _volumes()[0], np.diag([1.5, 1.5, 2.5, 1.0]))
+    header = bytearray(plain.read_bytes())
+    header[280:284] = struct.pack("<f", float("nan"))  # srow_x[0]: part of the sform's 3x3
+    image = tmp_path / "nan_rotation.nii.gz"
+    image.write_bytes(gzip.compress(bytes(header)))
+    text = _infer_error(image)
+    assert "nan_rotation.nii.gz" in text and "sform holds NaN or infinite" in text
+
+
+def test_zero_size_dimension_names_the_file_and_its_shape(tmp_path: Path) -> None:
+    image = _nifti(tmp_path / "empty.nii.gz", np.zeros((24, 0, 16), np.float32))
+    text = _infer_error(image)
+    assert "empty.nii.gz" in text and "[24, 0, 16]" in text and "zero-size dimension" in text
+
+
+def test_label_with_negative_values_is_refused(tmp_path: Path) -> None:
+    label = _volumes()[1].astype(np.int16)
+    label[0, 0, 0] = -1
+    text = _train_error(tmp_path, label=label)
+    assert "seg.nii.gz" in text and "negative values such as -1" in text
+
+
+@pytest.mark.parametrize(
+    "option, value, fragment",
+    [
+        ("learning_rate", "fast", "--learning_rate: expected a number, got 'fast'"),
+        ("learning_rate", 1e12, "--learning_rate: 1000000000000.0 is outside its sane range (0, 1]"),
+        ("val_fraction", 0, "--val_fraction: 0 is outside"),
+        ("num_epochs", 0, "--num_epochs: 0 is outside"),
+        ("batch_size", 2.5, "--batch_size: expected an integer"),
+        ("target_labels", [-1], "--target_labels: expected a list of non-negative integer"),
+    ],
+)
+def test_training_options_are_range_checked_by_name(option: str, value: object, fragment: str) -> None:
+    with pytest.raises(Exception) as err:
+        _parser("train.yaml", **{option: value}).get_parsed_content("checked_options")
+    assert fragment in _messages(err.value)
+
+
+def test_bad_learning_rate_on_the_command_line_is_one_line(tmp_path: Path) -> None:
+    """Was: TypeError: can't multiply sequence by non-int of type 'float', deep in the optimiser."""
+    result = _train_cli(tmp_path, tmp_path / "nowhere", "--learning_rate", "fast")
+    assert result.returncode == 1
+    assert _last_line(result).startswith("ERROR: ValueError: --learning_rate: expected a number, got 'fast'")
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_one_case_dataset_fails_instead_of_ending_without_a_model(tmp_path: Path) -> None:
+    """Was: exit 0 and no model.pt (no validation case, so the best-metric checkpoint was never written)."""
+    make_kits19_like(tmp_path / "data", num_cases=1, shape=(40, 40, 24), seed=0)
+    result = _train_cli(tmp_path, tmp_path / "data")
+    assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
+    assert "gives 1 training and 0 validation case(s)" in _last_line(result)
+    assert not (tmp_path / "models" / "model.pt").exists()
+
+
+def test_missing_image_path_is_one_clear_line(tmp_path: Path) -> None:
+    """Was: 378 lines holding 27 tracebacks, ending in 'no DICOMs in: .'."""
+    result = _cli(tmp_path, "--output_dir", str(tmp_path / "out"), configs=("inference.yaml",))
+    log = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert _last_line(result).startswith("ERROR: ValueError: --image_path is required")
+    assert "Traceback" not in log and len(log.splitlines()) < 10, log
+    debug = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(KITS / "configs" / "inference.yaml")],
+        capture_output=True,
+        text=True,
+        env={**ENV, "MSAM_DEBUG": "1"},
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert "Traceback" in debug.stderr and "--image_path is required" in debug.stderr.splitlines()[-1]
+
+
+def test_background_click_outside_every_window_is_named_as_given(tmp_path: Path) -> None:
+    """Was: 'background click outside the 128^3 model input: [[62, 13, 17]]', in window coordinates, from the model."""
+    hu = np.random.default_rng(0).normal(40, 30, (400, 400, 40)).astype(np.float32)
+    image = _nifti(tmp_path / "wide.nii.gz", hu, np.diag([0.8, 0.8, 2.5, 1.0]))
+    text = _infer_error(image, foreground=[[20, 380, 20]], background=[[30, 370, 20], [380, 20, 20]])
+    assert "'background': click(s) [[380, 20, 20]] (voxel indices of the image as given)" in text
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A 64 KiB tmpfs: a folder on a file system that fills at once (needs root and mount, as in CI)."""
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_names_the_file_and_leaves_nothing_half_written(tmp_path: Path, full_disk: Path) -> None:
+    """Was: 'RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0'."""
+    make_kits19_like(tmp_path / "data", num_cases=3, shape=(40, 40, 24), seed=0)
+    cmd = ["training", "--dataset_dir", str(tmp_path / "data"), "--ckpt_dir", str(full_disk)]
+    result = _cli(tmp_path, *cmd, "--output_dir", str(tmp_path / "eval"), "--num_epochs", "1")
+    assert result.returncode == 1
+    last = _last_line(result)
+    assert last.startswith(f"ERROR: OSError: [Errno 28] cannot write {full_disk}/") and "the disk is full" in last
+    assert list(full_disk.iterdir()) == []  # no half-written checkpoint or temporary file

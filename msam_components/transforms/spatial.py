@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 SPATIAL_DIMS = 3
+ON_DISK_KEY = "clicks_on_disk"  # MapClicksToImaged -> CropOrPadAroundClicksd: the clicks as the user gave them
 CENTER_MODES = ("first", "foreground", "all")
 
 
@@ -361,6 +362,7 @@ class MapClicksToImaged(MapTransform):
             homog = torch.cat([pts.to(torch.float64), torch.ones((len(pts), 1), dtype=torch.float64)], dim=1)
             mapped = (homog @ disk_to_grid.T)[:, :SPATIAL_DIMS]
             d[key] = torch.floor(mapped + 0.5).to(torch.int64).clamp(min=torch.zeros_like(upper), max=upper)
+        d[ON_DISK_KEY] = {key: pts.tolist() for key, pts in clicks.items()}  # for messages in the user's coordinates
         return d
 
     @staticmethod
@@ -427,6 +429,7 @@ class CropOrPadAroundClicksd(_CropOrPadd):
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         """Return a shallow copy of ``data`` with image keys cropped/padded around the clicks and the clicks shifted."""
         d = dict(data)
+        on_disk = d.pop(ON_DISK_KEY, None)  # set by MapClicksToImaged; read for messages only, not passed on
         clicks = {key: parse_clicks(d[key], key) for key in self.click_keys if key in d}
         every = torch.cat([torch.zeros((0, SPATIAL_DIMS), dtype=torch.int64), *clicks.values()])
         if len(every) == 0:
@@ -445,11 +448,14 @@ class CropOrPadAroundClicksd(_CropOrPadd):
         }
         outside = {key: pts for key, pts in outside.items() if pts}
         if (outside or self.grow_margin) and self.multi_window:
-            return self._several_windows(d, clicks, fg, every, shape)
+            return self._several_windows(d, clicks, fg, every, shape, on_disk)
         if outside:
+            if on_disk:
+                outside = {k: [on_disk[k][clicks[k].tolist().index(c)] for c in pts] for k, pts in outside.items()}
+            where = "voxel indices of the image as given" if on_disk else "voxel indices in the preprocessed image"
             raise ValueError(
                 f"the clicks span more than the {'x'.join(map(str, self.spatial_size))} field of view the model "
-                f"sees{self._fov_mm(d)}: clicks {outside} (voxel indices in the preprocessed image) fall outside the "
+                f"sees{self._fov_mm(d)}: clicks {outside} ({where}) fall outside the "
                 f"window {list(box.window_start)}..{[s + r - 1 for s, r in zip(box.window_start, self.spatial_size)]}"
                 " centred on the clicks; place all clicks closer together"
             )
@@ -466,6 +472,7 @@ class CropOrPadAroundClicksd(_CropOrPadd):
         fg: torch.Tensor,
         every: torch.Tensor,
         shape: tuple[int, ...],
+        on_disk: Mapping[Hashable, list] | None = None,
     ) -> dict[Hashable, object]:
         """Crop the box that holds one window per group of clicks; record the windows and the clicks' groups."""
         anchors = fg if len(fg) else every
@@ -483,11 +490,36 @@ class CropOrPadAroundClicksd(_CropOrPadd):
             extent = torch.tensor(shape, dtype=torch.int64)
             low = torch.minimum(low, (low - self.grow_margin).clamp(min=0))
             high = torch.maximum(high, torch.minimum(high + self.grow_margin, extent))
+        if not self.grow_margin:  # with room to grow, a later window may still reach such a click
+            self._refuse_clicks_in_no_window(d, clicks, start, on_disk or {})
         box = box_from_extent(shape, low.tolist(), (high - low).tolist())
         d.update({key: box.to_window(pts) for key, pts in clicks.items()})
         d[self.windows_key] = start - low
         d[self.groups_key] = groups if len(fg) else torch.zeros(0, dtype=torch.int64)
         return self._apply(d, box)
+
+    def _refuse_clicks_in_no_window(
+        self,
+        d: Mapping[Hashable, object],
+        clicks: dict[Hashable, torch.Tensor],
+        starts: torch.Tensor,
+        on_disk: Mapping[Hashable, list],
+    ) -> None:
+        """A click (a background one: the windows follow the foreground) that no window holds is one the model never
+        sees: refuse it, naming it as the user gave it (on-disk voxel indices, when :class:`MapClicksToImaged` ran)."""
+        size = torch.tensor(self.spatial_size, dtype=torch.int64)
+        for key, pts in clicks.items():
+            inside = ((pts[:, None] >= starts[None]) & (pts[:, None] < starts[None] + size)).all(dim=-1).any(dim=1)
+            if bool(inside.all()):
+                continue
+            given = on_disk.get(key)
+            shown = [given[i] if given else pts[i].tolist() for i in torch.nonzero(~inside).flatten().tolist()]
+            where = "voxel indices of the image as given" if given else "voxel indices in the preprocessed image"
+            raise ValueError(
+                f"{key!r}: click(s) {shown} ({where}) lie outside every {'x'.join(map(str, self.spatial_size))} "
+                f"window the model sees{self._fov_mm(d)}, which follow the foreground clicks; place them within the "
+                "lesion's window, or add a foreground click near them"
+            )
 
     def _fov_mm(self, d: Mapping[Hashable, object]) -> str:
         """Describe the window's physical size from the first image's affine, for error messages (empty if unknown)."""

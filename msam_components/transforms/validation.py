@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Hashable, Mapping, Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
@@ -56,6 +58,8 @@ class ValidateVolumesd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img, name = d[key], _source(d, key)
+            if name.endswith((".nii", ".nii.gz")) and os.path.isfile(name):
+                _check_header(name, nib.load(name))  # the stored header, as MONAI's reader may have corrected it
             if img.ndim != 4 or img.shape[0] != 1:
                 spatial = list(img.shape[1:]) if img.ndim >= 1 else []
                 raise ValueError(
@@ -115,6 +119,11 @@ class ValidateVolumesd(MapTransform):
     def _check_label(self, lab: torch.Tensor, name: str) -> None:
         """Refuse label maps that are not class ids: non-integer values (a tumour stored as 1.5) or too many values."""
         values = torch.unique(lab)
+        if len(values) and float(values[0]) < 0:
+            raise ValueError(
+                f"{self.label_name} {name}: holds negative values such as {float(values[0]):g}; a label map holds "
+                "class ids >= 0 (0 = background)"
+            )
         if lab.is_floating_point():
             fractional = values[values != torch.round(values)]
             if len(fractional):
@@ -147,6 +156,29 @@ class NamedNibabelReader(NibabelReader):
             return super().get_data(img)
         except Exception as err:  # noqa: BLE001 - re-raised with the file named
             raise _read_error(self.filenames, err) from err
+
+
+def _check_header(name: str, img: object) -> None:
+    """Refuse a NIfTI whose declared sform or qform holds NaN/Inf, or whose shape has a zero-size dimension.
+
+    MONAI's reader replaces an affine with NaN/Inf in its 3x3 part by one made from the voxel sizes, without a word
+    (the image then lands on an invented grid), and turns an empty dimension into a shapeless array, so the header as
+    stored is checked here.
+    """
+    header = getattr(img, "header", None)
+    if header is None or not hasattr(header, "get_sform"):
+        return
+    shape = [int(s) for s in img.shape]
+    if any(s == 0 for s in shape):
+        raise ValueError(f"{name}: the volume has shape {shape}, with a zero-size dimension: it holds no voxels")
+    transforms = {"sform": (int(header["sform_code"]), header.get_sform)}
+    transforms["qform"] = (int(header["qform_code"]), header.get_qform)
+    for what, (code, get) in transforms.items():
+        if code > 0 and not np.isfinite(np.asarray(get(), dtype=np.float64)).all():
+            raise ValueError(
+                f"{name}: the header's {what} holds NaN or infinite values, so the voxel grid is unknown; fix the "
+                f"header (e.g. nibabel: img.set_{what}(...))"
+            )
 
 
 def _read_error(files: object, err: BaseException) -> OSError:
