@@ -4,7 +4,7 @@ Runs the KiTS19 bundle's evaluation (``evaluate.yaml``, 10 simulated clicks) onc
 each damage of ``msam_components.transforms.damage`` on the same cases, and prints one markdown table. With the demo
 model of ``make demo``::
 
-    .venv/bin/python benchmarks/edit_from_mask.py --ckpt demo_output/models/model.pt \\
+    .venv/bin/python experiments/edit_from_mask.py --ckpt demo_output/models/model.pt \\
         --data demo_output/kits19_heldout --overlay demo.yaml --strategy center
 """
 

@@ -4,7 +4,7 @@ Writes ``--cases`` KiTS19-like CTs with one tumour about 190 mm long (``syntheti
 window is 64 voxels at 2 mm = 128 mm), clicks once at the tumour's deepest voxel, and runs the KiTS19 bundle's
 ``inference.yaml`` (+ ``--overlay``) with each ``--grow`` value. With the demo model of ``make demo``::
 
-    .venv/bin/python benchmarks/large_lesions.py --ckpt demo_output/models/model.pt --overlay demo.yaml
+    .venv/bin/python experiments/large_lesions.py --ckpt demo_output/models/model.pt --overlay demo.yaml
 """
 
 from __future__ import annotations

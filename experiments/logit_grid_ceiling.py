@@ -7,7 +7,7 @@ averages it onto that logit grid (the best possible low-res logits up to a monot
 it at one half and reports the Dice against the label. If this ceiling is high, a model's lower Dice is not the grid's
 fault. For the demo's held-out cases::
 
-    .venv/bin/python benchmarks/logit_grid_ceiling.py --data demo_output/kits19_heldout --pixdim 2.0 --factor 2 4
+    .venv/bin/python experiments/logit_grid_ceiling.py --data demo_output/kits19_heldout --pixdim 2.0 --factor 2 4
 """
 
 from __future__ import annotations

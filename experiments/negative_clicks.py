@@ -5,7 +5,7 @@ false-positive region of the previous prediction (a 6-connected component of pre
 the share of that region the click cleared and the share of the rest of the previous mask that it kept. With the demo
 model of ``make demo``::
 
-    .venv/bin/python benchmarks/negative_clicks.py --ckpt demo_output/models/model.pt \\
+    .venv/bin/python experiments/negative_clicks.py --ckpt demo_output/models/model.pt \\
         --data demo_output/kits19_heldout --overlay demo.yaml
 """
 

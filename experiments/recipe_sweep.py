@@ -10,7 +10,7 @@ at the end. Jobs file: one job per line, ``NAME EPOCHS [--key value ...]`` (``#`
     base 24
     patch4 24 --network_def#patch_size 4
 
-    python benchmarks/recipe_sweep.py --jobs jobs.txt --out /tmp/sweep --workers 1
+    python experiments/recipe_sweep.py --jobs jobs.txt --out /tmp/sweep --workers 1
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""negative_click_effects (benchmarks/negative_clicks.py, the learning test) on hand-made predictions."""
+"""negative_click_effects (experiments/negative_clicks.py, the learning test) on hand-made predictions."""
 
 from __future__ import annotations
 

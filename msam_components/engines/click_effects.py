@@ -2,7 +2,7 @@
 
 Click compliance only asks whether the clicked voxel changed; an annotator who removes a false positive with one
 click also needs the whole region gone and the rest of the mask untouched (the editing half of issue "clicks that
-correct"). Used by ``benchmarks/negative_clicks.py`` and the learning test.
+correct"). Used by ``experiments/negative_clicks.py`` and the learning test.
 """
 
 from __future__ import annotations
