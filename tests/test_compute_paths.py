@@ -13,6 +13,8 @@ from msam_components.networks import MSAM
 from msam_components.networks.compute_paths import FAST, REFERENCE, ComputePath, UsesComputePath, set_attention_impl
 from msam_components.networks.mea import MaskEnhancedAdapter
 
+pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
+
 NETWORKS = Path(__file__).resolve().parents[1] / "msam_components" / "networks"
 MODULES = sorted(p.stem for p in NETWORKS.glob("*.py") if p.stem != "__init__")
 TINY = dict(image_size=32, patch_size=8, encoder_embed_dim=16, encoder_depth=2, encoder_num_heads=2)

@@ -15,6 +15,8 @@ from msam_components.networks.layers import LayerNorm3d
 from msam_components.networks.mea import low_rank_mask_conv, mask_conv_kernel
 from msam_components.networks.prompt_encoder import FactoredDense
 
+pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
+
 F64 = dict(rtol=1e-10, atol=1e-12)
 
 

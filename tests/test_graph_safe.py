@@ -19,6 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from msam_components.networks import MSAM
 from msam_components.networks.compute_paths import set_attention_impl
 
+pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
+
 FORBIDDEN = ("aten.lift_fresh", "aten._local_scalar_dense", "aten.nonzero")
 # 8^3 tokens in 8^3 windows (no padding), as the engine tests' model but a 32^3 input
 SMALL_KWARGS = small_msam_kwargs(image_size=32, patch_size=4)

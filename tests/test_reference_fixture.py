@@ -8,6 +8,8 @@ from conftest import msam_kwargs_from_reference_config
 
 from msam_components.networks import MSAM, load_pretrained
 
+pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
+
 # README of ../shared/reference: float64 agrees to ~1e-12, float32 within rtol=atol=1e-5 on CPU
 TOLERANCES = {torch.float64: dict(rtol=1e-7, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 PRECISIONS = [torch.float64, torch.float32]

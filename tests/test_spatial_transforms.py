@@ -19,6 +19,8 @@ from msam_components.transforms import (
     parse_clicks,
 )
 
+pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
+
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # explicit, so Orientationd does not warn about its default
 
 # A NIfTI affine that is not diagonal: axis 0 -> -y at 0.8 mm, axis 1 -> +z at 0.8 mm, axis 2 -> -x at 3.0 mm.
