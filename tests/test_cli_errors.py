@@ -475,3 +475,11 @@ def test_a_full_disk_names_the_file_and_leaves_nothing_half_written(tmp_path: Pa
     last = _last_line(result)
     assert last.startswith(f"ERROR: OSError: [Errno 28] cannot write {full_disk}/") and "the disk is full" in last
     assert list(full_disk.iterdir()) == []  # no half-written checkpoint or temporary file
+
+
+def test_label_value_outside_the_datasets_labels_is_refused(tmp_path: Path) -> None:
+    """KiTS19 labels are 0, 1, 2: a segmentation holding 3 belongs to another dataset (was: trained on silently)."""
+    label = _volumes()[1].copy()
+    label[0:2, 0:2, 0:2] = 3
+    text = _train_error(tmp_path, label=label)
+    assert "seg.nii.gz" in text and "holds values [3] that are not labels of this dataset" in text

@@ -19,6 +19,7 @@ KITS19 = BundleSpec(
     dataset="KiTS19",
     modality="CT",
     target_labels=(2,),
+    label_values=(0, 1, 2),  # background, kidney, tumour
     datalist="$msam_components.data.dataset_json_or(msam_components.data.kits19_datalist, @dataset_dir)",
     config_title="KiTS19 kidney tumours",
     data_comment="official KiTS19 layout, tumour = label 2",
@@ -58,6 +59,7 @@ BRATS21 = BundleSpec(
     dataset="BraTS 2021",
     modality="MR",
     target_labels=(1, 2, 4),
+    label_values=(0, 1, 2, 4),  # background, necrotic core, edema, enhancing tumour
     datalist="$msam_components.data.dataset_json_or(msam_components.data.brats21_datalist, @dataset_dir, modality=@modality)",
     config_title="BraTS 2021 gliomas (whole tumour on FLAIR)",
     data_comment="official BraTS 2021 layout <case>/<case>_<modality>.nii.gz; whole tumour = labels 1, 2, 4",
@@ -112,6 +114,7 @@ LITS = BundleSpec(
     dataset="LiTS",
     modality="CT",
     target_labels=(2,),
+    label_values=(0, 1, 2),  # background, liver, tumour
     # a component, so that pydoc imports msam_components.data.lits (msam_components.data does not re-export it)
     datalist="$msam_components.data.dataset_json_or(msam_components.data.lits_datalist, @dataset_dir)",
     config_title="LiTS liver tumours",
@@ -166,7 +169,9 @@ _MSD_BIBTEX = """\
 }"""
 
 
-def _msd_spec(task: str, tumour: str, labels: str, tumour_label: int, example: str) -> BundleSpec:
+def _msd_spec(
+    task: str, tumour: str, labels: str, tumour_label: int, example: str, label_values: tuple[int, ...]
+) -> BundleSpec:
     """Describe one CT task of the Medical Segmentation Decathlon, read through its dataset.json."""
     short = f"MSD {task}"
     target = format_labels((tumour_label,))
@@ -175,6 +180,7 @@ def _msd_spec(task: str, tumour: str, labels: str, tumour_label: int, example: s
         dataset=short,
         modality="CT",
         target_labels=(tumour_label,),
+        label_values=label_values,
         datalist="$msam_components.data.msd_datalist(@dataset_dir)",
         config_title=f"{tumour}s ({short})",
         data_comment=f"{short} dataset.json (imagesTr/, labelsTr/), tumour = label {tumour_label}",
@@ -214,11 +220,16 @@ FIXED_PRESETS: dict[str, BundleSpec] = {
     "brats21": BRATS21,
     "lits": LITS,
     "msd_task03_liver": _msd_spec(
-        "Task03_Liver", "liver tumour", "labels 1 (liver) and 2 (cancer)", 2, "liver_0.nii.gz"
+        "Task03_Liver", "liver tumour", "labels 1 (liver) and 2 (cancer)", 2, "liver_0.nii.gz", (0, 1, 2)
     ),
-    "msd_task06_lung": _msd_spec("Task06_Lung", "lung tumour", "label 1 (cancer)", 1, "lung_001.nii.gz"),
+    "msd_task06_lung": _msd_spec("Task06_Lung", "lung tumour", "label 1 (cancer)", 1, "lung_001.nii.gz", (0, 1)),
     "msd_task07_pancreas": _msd_spec(
-        "Task07_Pancreas", "pancreatic tumour", "labels 1 (pancreas) and 2 (cancer)", 2, "pancreas_001.nii.gz"
+        "Task07_Pancreas",
+        "pancreatic tumour",
+        "labels 1 (pancreas) and 2 (cancer)",
+        2,
+        "pancreas_001.nii.gz",
+        (0, 1, 2),
     ),
     "msd_task08_hepaticvessel": _msd_spec(
         "Task08_HepaticVessel",
@@ -226,6 +237,7 @@ FIXED_PRESETS: dict[str, BundleSpec] = {
         "labels 1 (hepatic vessel) and 2 (tumour)",
         2,
         "hepaticvessel_001.nii.gz",
+        (0, 1, 2),
     ),
 }
 PRESET_NAMES: tuple[str, ...] = (*FIXED_PRESETS, "generic")

@@ -141,6 +141,7 @@ class BundleSpec:
     preprocessing_comment: str | None = None  # None: the modality's
     image_classes: str | None = None  # None: the modality's
     license_data_notice: str | None = None  # None: "<dataset> is distributed under its own terms; ..."
+    label_values: tuple[int, ...] | None = None  # every value the label maps may hold (0 included); None: unchecked
 
     def __post_init__(self) -> None:
         """Refuse answers that would render a broken bundle, naming the field at fault."""
@@ -155,6 +156,9 @@ class BundleSpec:
             raise ValueError(f"target_labels must be positive integers, got {labels!r}")
         if len(set(labels)) != len(labels):
             raise ValueError(f"target_labels lists a value twice: {labels!r}")
+        values = self.label_values
+        if values is not None and (0 not in values or not set(labels) <= set(values)):
+            raise ValueError(f"label_values {values!r} must hold 0 (background) and every target label {labels!r}")
         for field in _ONE_LINE_FIELDS:
             value = getattr(self, field)
             if not value.strip() or "\n" in value:
@@ -180,6 +184,7 @@ def placeholder_values(spec: BundleSpec) -> dict[str, str | list[str]]:
         "data_comment": spec.data_comment,
         "data_settings": spec.data_settings,
         "target_labels": format_labels(spec.target_labels),
+        "label_values": "null" if spec.label_values is None else format_labels(spec.label_values),
         "intensity_settings": modality.intensity_settings,
         "datalist": spec.datalist,
         "preprocessing_comment": spec.preprocessing_comment or modality.preprocessing_comment,

@@ -32,7 +32,8 @@ class ValidateVolumesd(MapTransform):
 
     Put it right after ``LoadImaged(ensure_channel_first=True)``. Errors name the file and the offending property, so a
     bad case in a large dataset is found at once rather than as an obscure shape error deep inside the network.
-    ``label_key`` (optional) must have the image's spatial shape and an affine within ``affine_atol`` (mm).
+    ``label_key`` (optional) must have the image's spatial shape and an affine within ``affine_atol`` (mm), and hold
+    class ids: integers >= 0, among ``label_values`` when given (the dataset's labels, e.g. KiTS19's 0, 1, 2).
     """
 
     def __init__(
@@ -45,8 +46,10 @@ class ValidateVolumesd(MapTransform):
         max_voxels: int = MAX_RESAMPLED_VOXELS,
         max_label_values: int = MAX_LABEL_VALUES,
         label_name: str = "label",
+        label_values: Sequence[int] | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.label_values = None if label_values is None else sorted({int(v) for v in label_values})
         self.label_key = label_key
         self.label_name = label_name  # what errors call the label ("initial mask" for a mask to edit)
         self.affine_atol = affine_atol
@@ -138,6 +141,14 @@ class ValidateVolumesd(MapTransform):
                 f"{float(values[-1]):g}), more than max_label_values {self.max_label_values}: this looks like an "
                 "image or noise, not a segmentation"
             )
+
+        if self.label_values is not None:
+            unknown = [v for v in values.tolist() if float(v).is_integer() and int(v) not in self.label_values]
+            if unknown:
+                raise ValueError(
+                    f"{self.label_name} {name}: holds values {[int(v) for v in unknown[:5]]} that are not labels of "
+                    f"this dataset (label_values {self.label_values}); check that the segmentation belongs to it"
+                )
 
 
 class NamedNibabelReader(NibabelReader):
