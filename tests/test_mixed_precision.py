@@ -58,5 +58,7 @@ def test_bf16_autocast_keeps_the_dice_of_a_trained_model() -> None:
     dice_fp32, dtypes_fp32 = _evaluate(net, val, amp=False)
     dice_bf16, dtypes_bf16 = _evaluate(net, val, amp=True)
     assert dtypes_fp32 == {torch.float32} and dtypes_bf16 == {torch.bfloat16}, "autocast must really be on"
-    assert dice_fp32 > 0.5, f"the small model did not learn ({dice_fp32:.3f}); the comparison would be meaningless"
+    # the trained Dice varies with the CPU's kernels and threads (measured 0.53-0.69 under ATEN_CPU_CAPABILITY
+    # default / avx2 / avx512 on 1 and 2 threads; bf16 within 0.0015 of it each time): the bound only says it learned
+    assert dice_fp32 > 0.35, f"the small model did not learn ({dice_fp32:.3f}); the comparison would be meaningless"
     assert dice_bf16 >= dice_fp32 - 0.02, f"bf16 Dice {dice_bf16:.4f} dropped from fp32 {dice_fp32:.4f}"
