@@ -2,7 +2,8 @@
 
 Starts the server with the README's start command (``.venv-label/bin/monailabel start_server ...``, sessions as that
 command leaves them) on 127.0.0.1 with the KiTS19 bundle and a random-weight checkpoint, then sends two waves:
-``--same`` concurrent first clicks on one study and ``--different`` concurrent first clicks on as many studies.
+``--same`` concurrent first clicks on one study, ``--different`` concurrent first clicks on as many studies, and
+``--uploads`` concurrent first clicks on an uploaded NIfTI that is small on the wire and decodes to 64 MB.
 Prints one markdown table per wave: status codes, p50/p95 latency of the answered (200) and of the refused (429)
 requests, and the server's peak resident memory (``VmHWM``) over the wave. Run from the repository root after
 ``make label-venv``: ``.venv-label/bin/python benchmarks/bench_monailabel_load.py`` (``--small`` uses the tests' tiny
@@ -26,6 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import nibabel as nib
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
@@ -68,8 +70,9 @@ def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def wave(base: str, pid: int, requests: list[tuple[str, list[int]]]) -> dict:
-    """Send all requests at once; status codes, latencies and the server's peak memory over the wave."""
+def wave(base: str, pid: int, requests: list[tuple[str, list[int]]], upload: bytes | None = None) -> dict:
+    """Send all requests at once (each with ``upload`` as its image file when given); status codes, latencies and the
+    server's peak memory over the wave."""
     reset_peak(pid)
     results: list[tuple[int, float]] = []
     barrier = threading.Barrier(len(requests))
@@ -79,8 +82,9 @@ def wave(base: str, pid: int, requests: list[tuple[str, list[int]]]) -> dict:
         start = time.perf_counter()
         resp = httpx.post(
             f"{base}/infer/msam_kits19",
-            params={"image": image, "output": "json"},
+            params={"output": "json", **({} if upload else {"image": image})},
             data={"params": json.dumps({"foreground": [click], "background": []})},
+            files={"file": ("upload.nii.gz", upload, "application/octet-stream")} if upload else None,
             timeout=600,
         )
         results.append((resp.status_code, time.perf_counter() - start))
@@ -104,6 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--same", type=int, default=20, help="concurrent first clicks on one study")
     parser.add_argument("--different", type=int, default=10, help="concurrent first clicks on different studies")
+    parser.add_argument("--uploads", type=int, default=20, help="concurrent first clicks on a 64 MB (decoded) upload")
     parser.add_argument("--shape", type=int, nargs=3, default=(160, 160, 96))
     parser.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 2.5))
     parser.add_argument("--small", action="store_true", help="the tests' tiny model instead of the full-size one")
@@ -153,8 +158,12 @@ def main() -> None:
         )
         print("| wave | status codes | 200: p50 / p95 (s) | 429: p50 / p95 (s) | server peak RSS (MiB) |")
         print("|---|---|---|---|---|")
+        big = root / "upload.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((256, 256, 256), np.int32), np.eye(4)), str(big))  # 64 MB as int32
+        uploads = {f"{args.uploads} first clicks on a 64 MB upload ({big.stat().st_size // 1024} KB sent)": big}
+        waves.update({name: [("", [128, 128, 128])] * args.uploads for name in uploads})
         for name, requests in waves.items():
-            out = wave(base, proc.pid, requests)
+            out = wave(base, proc.pid, requests, uploads[name].read_bytes() if name in uploads else None)
             ok = [t for c, t in out["results"] if c == 200]
             busy = [t for c, t in out["results"] if c == 429]
             codes = ", ".join(f"{n} x {c}" for c, n in sorted(out["codes"].items()))
