@@ -18,6 +18,8 @@ from types import TracebackType
 
 from ignite.engine import Engine, Events
 
+from .io import is_disk_full
+
 __all__ = ["FailureReport", "failure_reason", "install_failure_report"]
 
 logger = logging.getLogger("msam_components")
@@ -45,7 +47,24 @@ def failure_reason(err: BaseException) -> str:
     text = str(reason).strip()
     if _WORKER_MARKER in text:  # re-raised from a DataLoader worker: the message ends with the worker's last line
         text = [line for line in text.splitlines() if line.strip()][-1].strip()
+    if is_disk_full(err) and "the disk is full" not in text:  # e.g. torch's "unexpected pos 64 vs 0"
+        written = _written_file(chain)
+        text = f"{text} (the disk is full{f' while writing {written}' if written else ''})"
     return f"{type(reason).__name__}: {text}" if text else type(reason).__name__
+
+
+def _written_file(chain: list[BaseException]) -> str | None:
+    """The file a failed write was writing: the innermost frame's ``path`` or ``filename`` argument, if any."""
+    for exc in chain:
+        tb, found = exc.__traceback__, None
+        while tb is not None:
+            value = tb.tb_frame.f_locals.get("path", tb.tb_frame.f_locals.get("filename"))
+            if isinstance(value, (str, os.PathLike)):
+                found = os.fspath(value)
+            tb = tb.tb_next
+        if found:
+            return found
+    return None
 
 
 def _report(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:

@@ -483,3 +483,25 @@ def test_label_value_outside_the_datasets_labels_is_refused(tmp_path: Path) -> N
     label[0:2, 0:2, 0:2] = 3
     text = _train_error(tmp_path, label=label)
     assert "seg.nii.gz" in text and "holds values [3] that are not labels of this dataset" in text
+
+
+def test_a_full_disk_under_another_writer_still_says_so() -> None:
+    """A write outside atomic_write (ignite's DiskSaver under MONAI's CheckpointSaver) ends in torch's own message;
+    the reason line adds that the disk is full and which file was being written."""
+    import errno
+
+    from msam_components.cli import failure_reason
+
+    def save(path: str) -> None:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    with pytest.raises(RuntimeError) as err:
+        save("/models/model.pt")
+    reason = failure_reason(err.value)
+    assert (
+        reason.startswith("RuntimeError: [enforce fail")
+        and "(the disk is full while writing /models/model.pt)" in reason
+    )
