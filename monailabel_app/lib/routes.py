@@ -13,10 +13,10 @@ import os
 import tempfile
 from typing import Any, Optional
 
-from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, BackgroundTasks, FastAPI, File, Form, HTTPException, Request, UploadFile
 from monailabel.config import settings
 from monailabel.endpoints.infer import ResultType, send_response
-from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.endpoints.user.auth import User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.async_tasks.task import AsyncTask
@@ -40,9 +40,7 @@ def _remove(path: Any) -> None:
 def build_router() -> APIRouter:
     """Handlers that call the current M-SAM app instance (``MSAMApp``; MONAI Label's ``/reload`` replaces it)."""
     router = APIRouter()
-    user_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
-    annotator_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))
-    admin_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
+    user_role, annotator_role, admin_role = stock_routes.role_dependencies()
 
     @router.post("/infer/{model}", summary="Run inference (M-SAM: checked, in a worker thread)")
     async def infer(

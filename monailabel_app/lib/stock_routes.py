@@ -56,12 +56,16 @@ def _known_label(label: str, tag: str) -> None:
         raise HTTPException(404, f"label {label!r} with tag {tag!r} not found in the datastore")
 
 
+def role_dependencies() -> tuple[Any, Any, Any]:
+    """MONAI Label's user, annotator and admin role checks as FastAPI dependencies (as its own endpoints use them)."""
+    roles = (settings.MONAI_LABEL_AUTH_ROLE_USER, settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)
+    return tuple(Depends(RBAC(role)) for role in (*roles, settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
+
+
 def build_router() -> APIRouter:
     """The checked or closed stock endpoints (placed in front of MONAI Label's by ``routes.install``)."""
     router = APIRouter()
-    user_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
-    annotator_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))
-    admin_role = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
+    user_role, annotator_role, admin_role = role_dependencies()
 
     @router.put("/session/", summary="Sessions are disabled in this app")
     @router.get("/session/{session_id}", include_in_schema=False)
