@@ -1,4 +1,5 @@
-"""Export the deployable parts of M-SAM to TorchScript: the encoder (once per image) and one click-decode step.
+"""Export the deployable parts of M-SAM to TorchScript: the encoder (once per image) and one click-decode step
+(``--format onnx``: the same two parts as ONNX, see :mod:`msam_components.export_onnx`).
 
 Artifacts written by :func:`export_torchscript` (all traced at fixed shapes, in the example image's dtype and device):
 
@@ -160,7 +161,12 @@ def export_torchscript(model: MSAM, out_dir: str | Path, example_image: torch.Te
 def load_exported(
     paths: Mapping[str, str | Path], map_location: str | torch.device | None = None
 ) -> tuple[torch.jit.ScriptModule, torch.jit.ScriptModule]:
-    """``(encoder, decode_step)`` TorchScript modules from :func:`export_torchscript`'s paths (no msam code needed)."""
+    """``(encoder, decode_step)`` from :func:`export_torchscript`'s paths (TorchScript modules, no msam code needed),
+    or from :func:`~msam_components.export_onnx.export_onnx`'s (onnxruntime sessions on CPU, same call signature)."""
+    if str(paths["encoder"]).endswith(".onnx"):
+        from .export_onnx import load_onnx
+
+        return load_onnx(paths)  # type: ignore[return-value]
     with _quiet_jit():
         encoder = torch.jit.load(str(paths["encoder"]), map_location=map_location).eval()
         decoder = torch.jit.load(str(paths["decode_step"]), map_location=map_location).eval()
@@ -257,7 +263,7 @@ def build_network(config_files: Sequence[str | Path], ckpt_path: str | Path) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: build the bundle's network, load weights, export to TorchScript and optionally check the numbers."""
-    cli = argparse.ArgumentParser(description="Export M-SAM's encoder and one click-decode step to TorchScript.")
+    cli = argparse.ArgumentParser(description="Export M-SAM's encoder and one click-decode step (TorchScript or ONNX).")
     cli.add_argument("--config_file", nargs="+", required=True, help="bundle config(s); later files override earlier")
     cli.add_argument("--ckpt_path", required=True, help="weights to load (strictly, any supported format)")
     cli.add_argument("--output_dir", required=True)
@@ -267,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.add_argument("--rtol", type=float, default=DEFAULT_TOLERANCE)
     cli.add_argument("--device", default="cpu", help="device to trace on (constants are baked for it)")
     cli.add_argument("--seed", type=int, default=0, help="seed of the example image and the checked clicks")
+    cli.add_argument(
+        "--format", choices=("torchscript", "onnx"), default="torchscript", help="onnx: run by onnxruntime (CPU)"
+    )
     args = cli.parse_args(argv)
 
     device = torch.device(args.device)
@@ -275,7 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     dtype = next(model.parameters()).dtype
     image = torch.randn(1, 1, size, size, size, generator=gen).to(device=device, dtype=dtype)
-    paths = export_torchscript(model, args.output_dir, image)
+    if args.format == "onnx":
+        from .export_onnx import export_onnx
+
+        paths = export_onnx(model, args.output_dir, image)
+    else:
+        paths = export_torchscript(model, args.output_dir, image)
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     if not args.check:

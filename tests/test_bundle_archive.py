@@ -68,6 +68,8 @@ def test_archive_contents(kits_archive: Path) -> None:
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".pt", ".pth", ".nii", ".nii.gz"))]
     assert max(i.file_size for i in infos) <= MAX_FILE_BYTES
     assert "msam-components" not in meta["required_packages_version"]
+    assert set(meta["exported_formats"]) == {"torchscript", "onnx"}
+    assert meta["exported_formats"]["onnx"]["files"] == ["models/onnx/encoder.onnx", "models/onnx/decode_step.onnx"]
     assert "$import msam_components" not in train["imports"]
     assert train["initialize"][0] == "$import sys" and "sys.path.insert" in train["initialize"][1]
     assert train["initialize"][2] == "$import msam_components"
@@ -141,3 +143,20 @@ def test_archived_inference_runs_without_installed_package(kits_archive: Path, t
     written = tmp_path / "out" / "case_00000_seg.nii.gz"  # named after the case folder, not imaging.nii.gz
     assert written.is_file()
     assert nib.load(str(written)).shape == nib.load(str(image)).shape
+
+
+def test_archived_metadata_is_valid_and_lists_export_formats(
+    kits_archive: Path, schema_dir: Path, tmp_path: Path
+) -> None:
+    """The archived metadata (export formats added) still passes the zoo's schema; each format's command names it."""
+    from monai.bundle import verify_metadata
+
+    with zipfile.ZipFile(kits_archive) as archive:
+        meta_file = tmp_path / "metadata.json"
+        meta_file.write_bytes(archive.read("msam_kits19/configs/metadata.json"))
+    schema = tmp_path / "schema.json"
+    schema.write_bytes((schema_dir / "meta_schema_20240725.json").read_bytes())
+    verify_metadata(meta_file=str(meta_file), filepath=str(schema))
+    formats = json.loads(meta_file.read_text())["exported_formats"]
+    for name, entry in formats.items():
+        assert f"--format {name}" in entry["command"] and all(f.startswith(f"models/{name}/") for f in entry["files"])

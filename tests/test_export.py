@@ -98,3 +98,40 @@ def test_cli_exports_and_checks_a_bundle_network(tmp_path: Path, capsys: pytest.
     assert {p.name for p in out.iterdir()} == {"encoder.ts", "decode_step.ts", "export_info.json"}
     printed = capsys.readouterr().out
     assert "click_3_logits" in printed and "check passed" in printed and "atol=1e-05" in printed
+
+
+def test_onnx_chain_reproduces_reference_fixture(tmp_path: Path, tiny_fixture: dict) -> None:
+    """ONNX (onnxruntime's own kernels) against the upstream fixture: within the float32 tolerance the fixture suggests
+    for a port (its own float32 vs float64 noise is 2.3e-6 on the embedding, 1.7e-7 on the logits)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from msam_components.export_onnx import export_onnx
+
+    fx = tiny_fixture
+    model = MSAM(**msam_kwargs_from_reference_config(fx["config"])).eval()
+    assert load_pretrained(model, fx["state_dict"]).ok
+    image = fx["image_int8"].float() * fx["image_scale"]
+    paths = export_onnx(model, tmp_path, image)
+    assert json.loads(paths["info"].read_text())["format"] == "onnx"
+    encoder, decoder = load_exported(paths)
+    state = encoder(image)
+    torch.testing.assert_close(state[0], fx["image_embedding"], **TOL)
+    low = torch.zeros(1, 1, 32, 32, 32)
+    for i in range(3):
+        low = decoder(*state, fx["points"][i].view(1, 1, 3), fx["point_labels"][i].view(1, 1), low)
+        torch.testing.assert_close(low, fx[f"low_res_logits_iter{i}"], **TOL)
+
+
+def test_cli_exports_onnx_and_checks_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    parser = ConfigParser()
+    parser.read_config([str(c) for c in CONFIGS])
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.pt"
+    torch.save(parser.get_parsed_content("network_def", instantiate=True).state_dict(), ckpt)
+    out = tmp_path / "exported"
+    argv = ["--config_file", *map(str, CONFIGS), "--ckpt_path", str(ckpt), "--output_dir", str(out), "--check"]
+    assert main([*argv, "--format", "onnx"]) == 0
+    assert {p.name for p in out.iterdir()} == {"encoder.onnx", "decode_step.onnx", "export_info.json"}
+    assert "check passed" in capsys.readouterr().out

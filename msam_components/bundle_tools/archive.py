@@ -30,7 +30,14 @@ import yaml
 
 from ..io import atomic_write
 
-__all__ = ["MAX_FILE_BYTES", "archive_configs", "build_archive", "main", "rewrite_config_for_archive"]
+__all__ = [
+    "EXPORTED_FORMATS",
+    "MAX_FILE_BYTES",
+    "archive_configs",
+    "build_archive",
+    "main",
+    "rewrite_config_for_archive",
+]
 
 MAX_FILE_BYTES = 1024 * 1024
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -48,6 +55,26 @@ _INITIALIZE_ENTRIES = (
     "\"$sys.path.insert(0, os.path.join(os.path.abspath(@bundle_root), 'scripts'))\"",
     _IMPORT_PACKAGE,
 )
+# The formats `python -m msam_components.export` writes from a bundle's weights, listed in the archived metadata the way
+# the MONAI Bundle specification names a bundle's exported files (models/model.ts, models/model.onnx). The weights are
+# not shipped, so each entry says which files the export makes and the command that makes them.
+_EXPORT_COMMAND = (
+    "PYTHONPATH=scripts python -m msam_components.export --config_file configs/inference.yaml --ckpt_path models/model.pt "
+    "--output_dir models/{fmt} --format {fmt} --check"
+)
+EXPORTED_FORMATS = {
+    "torchscript": {
+        "files": ["models/torchscript/encoder.ts", "models/torchscript/decode_step.ts"],
+        "runtime": "torch.jit.load",
+        "command": _EXPORT_COMMAND.format(fmt="torchscript"),
+    },
+    "onnx": {
+        "files": ["models/onnx/encoder.onnx", "models/onnx/decode_step.onnx"],
+        "runtime": "onnxruntime",
+        "opset": 18,
+        "command": _EXPORT_COMMAND.format(fmt="onnx"),
+    },
+}
 
 
 def _is_shipped(relative: Path) -> bool:
@@ -114,7 +141,7 @@ def rewrite_config_for_archive(text: str, source: str = "<config>") -> str:
 
 
 def archive_configs(bundle_dir: Path) -> dict[str, bytes]:
-    """Return the bundle's configs as archived: YAML import paths rewritten, metadata without the package pin."""
+    """The bundle's configs as archived: YAML imports rewritten; metadata without the package pin, with the export formats."""
     out = {}
     for path in sorted((bundle_dir / "configs").iterdir()):
         relative = f"configs/{path.name}"
@@ -123,6 +150,7 @@ def archive_configs(bundle_dir: Path) -> dict[str, bytes]:
         elif path.name == "metadata.json":
             meta = json.loads(path.read_text(encoding="utf-8"))
             meta.get("required_packages_version", {}).pop("msam-components", None)  # shipped under scripts/
+            meta["exported_formats"] = EXPORTED_FORMATS
             out[relative] = (json.dumps(meta, indent=4, ensure_ascii=False) + "\n").encode()
     return out
 
