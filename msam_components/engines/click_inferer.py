@@ -15,7 +15,7 @@ from monai.inferers import Inferer
 from ..networks.click_prompt import mask_prompt
 from ..networks.image_state import ImageState
 from ..networks.msam import MSAM
-from ..transforms.click_sampling import _deepest_voxel
+from ..transforms.click_sampling import deepest_voxel
 from .cuda_graphs import DEFAULT_CLICK_BUCKETS, CUDAGraphRunner
 
 ClickList = Sequence[Sequence[int]] | torch.Tensor | None
@@ -349,7 +349,7 @@ class ClickInferer(Inferer):
             region = (..., *(slice(a, a + size) for a in new))
             seed = merged[region] > self.grow_threshold
             origin = torch.tensor(new, device=inputs.device)
-            deepest = _deepest_voxel(seed[0, 0].detach().cpu().numpy())  # as the "center" click rule
+            deepest = deepest_voxel(seed[0, 0].detach().cpu().numpy())  # as the "center" click rule
             click = torch.tensor(deepest, device=inputs.device).view(1, 1, 3)
             in_window = ((bg >= origin) & (bg < origin + size)).all(dim=1)
             # the click alone, no mask prompt: given the mask so far, a model reproduces it and does not extend it

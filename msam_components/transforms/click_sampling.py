@@ -150,7 +150,7 @@ def _region_depth(region: np.ndarray) -> tuple[np.ndarray, tuple[slice, ...]]:
     return ndimage.distance_transform_edt(np.pad(region[box], 1, constant_values=False))[1:-1, 1:-1, 1:-1], box
 
 
-def _deepest_voxel(region: np.ndarray) -> tuple[int, int, int]:
+def deepest_voxel(region: np.ndarray) -> tuple[int, int, int]:
     """Voxel of maximum distance to the region's boundary (image edge counts as boundary; first maximum in C order)."""
     dist, box = _region_depth(region)
     idx = np.unravel_index(int(np.argmax(dist)), dist.shape)
@@ -164,7 +164,7 @@ def _center_click(fn: torch.Tensor, fp: torch.Tensor) -> Click:
         return _padding_click(fn.device)
     positive = n_fn >= n_fp
     region = (fn if positive else fp).cpu().numpy()
-    point = torch.tensor(_deepest_voxel(region), dtype=torch.int64, device=fn.device)
+    point = torch.tensor(deepest_voxel(region), dtype=torch.int64, device=fn.device)
     return Click(point=point, label=1 if positive else 0, valid=True)
 
 
