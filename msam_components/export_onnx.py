@@ -1,6 +1,6 @@
 """Export the encoder and one click-decode step to ONNX, and run them with onnxruntime, as the TorchScript export does.
 
-The same two modules as :mod:`msam_components.export` (``EncoderForExport``, ``DecodeStepForExport``) go through
+The same two modules as :mod:`msam_components.export_parts` (``EncoderForExport``, ``DecodeStepForExport``) go through
 ``torch.onnx.export`` (the ``torch.export``-based exporter), so an ONNX deployment runs the model's own code path:
 
 - ``encoder.onnx``: ``image [B, 1, S, S, S]`` -> the per-image state tensors, in ``state_names`` order;
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .export_parts import DecodeStepForExport, EncoderForExport, example_prompt, state_names
 from .networks.msam import MSAM
 
 ENCODER_ONNX = "encoder.onnx"
@@ -64,7 +65,6 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
 
 def export_onnx(model: MSAM, out_dir: str | Path, example_image: torch.Tensor) -> dict[str, Path]:
     """Export the encoder and decode step at ``example_image``'s shape and dtype; return the written paths."""
-    from .export import DecodeStepForExport, EncoderForExport, _example_prompt, state_names
 
     _require_onnx()
     expected = (1, model.image_size, model.image_size, model.image_size)
@@ -82,7 +82,7 @@ def export_onnx(model: MSAM, out_dir: str | Path, example_image: torch.Tensor) -
             encoder = EncoderForExport(model)
             _export(encoder, (example_image,), paths["encoder"], ["image"], names)
             state = encoder(example_image)
-            prompt = _example_prompt(model, example_image)
+            prompt = example_prompt(model, example_image)
             _export(
                 DecodeStepForExport(model), (*state, *prompt), paths["decode_step"], step_inputs, ["low_res_logits"]
             )
