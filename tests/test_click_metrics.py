@@ -16,7 +16,7 @@ from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.handlers import from_engine
 
-from msam_components.engines import click_metrics
+from msam_components.engines import click_metrics, click_report
 from msam_components.engines.click_metrics import (
     ClickMetricsHandler,
     case_id_from_path,
@@ -510,7 +510,7 @@ def test_crash_during_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: 
     cases, dice, iou = ["a", "b"], np.array([[0.1, 0.2], [0.3, 0.4]]), np.array([[0.1, 0.1], [0.2, 0.2]])
     summary = summarise_click_metrics(cases, dice, iou)
 
-    monkeypatch.setattr(click_metrics.json, "dump", broken_dump)
+    monkeypatch.setattr(click_report.json, "dump", broken_dump)
     with pytest.raises(RuntimeError, match="disk full"):
         handler.write(cases, dice, iou, summary)
     assert not (tmp_path / "click_metrics_summary.json").exists()
@@ -520,7 +520,7 @@ def test_crash_during_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: 
     monkeypatch.undo()
     handler.write(cases, dice, iou, summary)
     good = (tmp_path / "click_metrics_summary.json").read_text()
-    monkeypatch.setattr(click_metrics.json, "dump", broken_dump)
+    monkeypatch.setattr(click_report.json, "dump", broken_dump)
     with pytest.raises(RuntimeError):
         handler.write(cases, dice, iou, summarise_click_metrics(cases, dice * 0, iou * 0))
     assert (tmp_path / "click_metrics_summary.json").read_text() == good
