@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from msam_components.engines import ClickSimulator, msam_loss, msam_optimizer
-from msam_components.networks import MSAM
+from msam_components.networks import MSAM, build_msam
 
 # a small model with the same structure (8^3 tokens padded to one 14^3 window) for smoke-testing the scripts
 SMOKE_KWARGS = dict(
@@ -36,7 +36,7 @@ def full_size_model(attention_impl: str = "fast", seed: int = 0, **overrides: ob
     change constructor arguments (e.g. :data:`SMOKE_KWARGS`).
     """
     torch.manual_seed(seed)
-    model = MSAM(attention_impl=attention_impl, **overrides)
+    model = build_msam(attention_impl=attention_impl, **overrides)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".linear_b_" in name or ".rel_pos_" in name or name.endswith("pos_embed"):

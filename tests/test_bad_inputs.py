@@ -14,7 +14,7 @@ from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
 from msam_components.engines import ClickMetricsHandler, IterativeClickRefinement, msam_loss, msam_optimizer
-from msam_components.networks import MSAM, CheckpointError
+from msam_components.networks import CheckpointError, build_msam
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = REPO / "tests" / "configs" / "small_bundle.yaml"
@@ -144,7 +144,7 @@ def test_config_value_of_wrong_type(tmp_path: Path) -> None:
         parser.get_parsed_content("validate#click_loop")
     assert "num_clicks must be int, got 'ten'" in _messages(err.value)
     with pytest.raises(TypeError, match="lora_rank must be int, got '16'"):
-        MSAM(**small_msam_kwargs(lora_rank="16"))
+        build_msam(**small_msam_kwargs(lora_rank="16"))
 
 
 def test_bundle_refuses_checkpoint_with_code(tmp_path: Path) -> None:
@@ -179,7 +179,7 @@ def test_training_skips_cases_without_lesion_and_counts_them(caplog: pytest.LogC
     cases = make_blob_cases(4, seed=3)
     for case in cases[:2]:
         case["label"] = case["label"] * 0
-    net = MSAM(**small_msam_kwargs())
+    net = build_msam(**small_msam_kwargs())
     loop = IterativeClickRefinement(num_clicks=2, seed=0)
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
@@ -204,7 +204,7 @@ def test_evaluation_reports_cases_without_lesion(tmp_path: Path) -> None:
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"),
         val_data_loader=DataLoader(cases, batch_size=1),
-        network=MSAM(**small_msam_kwargs()),
+        network=build_msam(**small_msam_kwargs()),
         iteration_update=IterativeClickRefinement(num_clicks=2, seed=0),
     )
     ClickMetricsHandler(output_dir=tmp_path).attach(evaluator)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import msam_kwargs_from_reference_config
 
-from msam_components.networks import MSAM, CheckpointError, load_pretrained
+from msam_components.networks import CheckpointError, build_msam, load_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def _sammed3d_trainer_checkpoint(fx: dict) -> dict:
 def test_sammed3d_file_with_namespace_loads(tmp_path: Path, tiny_fixture: dict, tiny_kwargs: dict) -> None:
     path = tmp_path / "sam_med3d_turbo.pth"
     torch.save(_sammed3d_trainer_checkpoint(tiny_fixture), path)
-    model = MSAM(**tiny_kwargs)
+    model = build_msam(**tiny_kwargs)
     report = load_pretrained(model, path)
     assert report.source_format == "sam-med3d" and len(report.loaded) == 204
     assert any(k.startswith("mea.") for k in report.kept_initialised)
@@ -47,18 +47,18 @@ def test_sammed3d_file_with_namespace_loads(tmp_path: Path, tiny_fixture: dict, 
 def test_official_msam_file_and_own_model_pt_roundtrip(tmp_path: Path, tiny_fixture: dict, tiny_kwargs: dict) -> None:
     official = tmp_path / "sam_model_dice_best.pth"
     torch.save({"epoch": 3, "model_state_dict": tiny_fixture["state_dict"], "best_dice": 0.5}, official)
-    model = MSAM(**tiny_kwargs)
+    model = build_msam(**tiny_kwargs)
     assert load_pretrained(model, official).source_format == "msam-official"
     own = tmp_path / "model.pt"
     torch.save(model.state_dict(), own)
-    again = MSAM(**tiny_kwargs)
+    again = build_msam(**tiny_kwargs)
     report = load_pretrained(again, own)
     assert report.source_format == "msam-components" and report.ok and len(report.loaded) == 309
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     ddp = tmp_path / "ddp.pt"
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, ddp)
-    assert load_pretrained(MSAM(**tiny_kwargs), ddp).ok
+    assert load_pretrained(build_msam(**tiny_kwargs), ddp).ok
 
 
 def test_strict_report_names_missing_unexpected_and_misshaped(tiny_fixture: dict, tiny_kwargs: dict) -> None:
@@ -66,7 +66,7 @@ def test_strict_report_names_missing_unexpected_and_misshaped(tiny_fixture: dict
     del state["bidatt.mlp.lin1.weight"]
     state["bidatt.extra.weight"] = torch.zeros(3)
     state["lora_sam.sam.mask_decoder.iou_token.weight"] = torch.zeros(1, 5)
-    model = MSAM(**tiny_kwargs)
+    model = build_msam(**tiny_kwargs)
     before = model.mea.mlp.lin2.weight.clone()
     with pytest.raises(CheckpointError) as err:
         load_pretrained(model, state, strict=True)
@@ -80,16 +80,16 @@ def test_strict_report_names_missing_unexpected_and_misshaped(tiny_fixture: dict
 
 
 def test_mea_checkpoint_into_model_without_mea_is_rejected(tiny_fixture: dict, tiny_kwargs: dict) -> None:
-    model = MSAM(**{**tiny_kwargs, "use_mea": False})
+    model = build_msam(**{**tiny_kwargs, "use_mea": False})
     with pytest.raises(CheckpointError, match="unexpected"):
         load_pretrained(model, tiny_fixture["state_dict"])
 
 
 def test_lora_checkpoint_merges_into_lora_free_model(tiny_fixture: dict, tiny_kwargs: dict) -> None:
     image = tiny_fixture["image_int8"].double() * tiny_fixture["image_scale"]
-    with_lora = MSAM(**tiny_kwargs).double().eval()
+    with_lora = build_msam(**tiny_kwargs).double().eval()
     load_pretrained(with_lora, tiny_fixture["state_dict"])
-    merged = MSAM(**{**tiny_kwargs, "lora_rank": 0, "encoder_trainable": "frozen"}).double().eval()
+    merged = build_msam(**{**tiny_kwargs, "lora_rank": 0, "encoder_trainable": "frozen"}).double().eval()
     report = load_pretrained(merged, tiny_fixture["state_dict"])
     assert report.ok and len(report.merged_lora) == 4
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path, tiny_kwargs: di
     path = tmp_path / "evil.pth"
     torch.save({"model_state_dict": {"x": torch.zeros(1)}, "payload": _Exploit(marker)}, path)
     with pytest.raises(CheckpointError, match="refusing to load .*evil.pth") as err:
-        load_pretrained(MSAM(**tiny_kwargs), path)
+        load_pretrained(build_msam(**tiny_kwargs), path)
     assert "system" in str(err.value)
     assert not marker.exists(), "the pickled payload must never run"
 
@@ -122,18 +122,18 @@ def test_legacy_pickle_with_code_is_refused(tmp_path: Path, tiny_kwargs: dict) -
     with open(path, "wb") as f:
         pickle.dump({"payload": _Exploit(marker)}, f)
     with pytest.raises(CheckpointError):
-        load_pretrained(MSAM(**tiny_kwargs), path)
+        load_pretrained(build_msam(**tiny_kwargs), path)
     assert not marker.exists()
 
 
 def test_missing_file_and_non_weight_content(tmp_path: Path, tiny_kwargs: dict) -> None:
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        load_pretrained(MSAM(**tiny_kwargs), tmp_path / "nope.pth")
+        load_pretrained(build_msam(**tiny_kwargs), tmp_path / "nope.pth")
     path = tmp_path / "list.pth"
     torch.save([1, 2, 3], path)
     with pytest.raises(CheckpointError, match="list"):
-        load_pretrained(MSAM(**tiny_kwargs), path)
+        load_pretrained(build_msam(**tiny_kwargs), path)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="garbage.pth"):
-        load_pretrained(MSAM(**tiny_kwargs), garbage)
+        load_pretrained(build_msam(**tiny_kwargs), garbage)

@@ -293,7 +293,8 @@ def test_brats_bundle_ships_its_cpu_overlay() -> None:
     parser = ConfigParser()
     brats = REPO / "bundles" / "msam_brats21" / "configs"
     parser.read_config([str(brats / "train.yaml"), str(brats / "demo.yaml")])
-    assert parser["image_size"] == 64 and parser["network_def"]["encoder_depth"] == 2
+    assert parser["image_size"] == 64 and parser["network_preset"] == "demo"
+    assert len(parser.get_parsed_content("network_def").image_encoder.blocks) == 2
 
 
 # --- booleans on the command line -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from monai.transforms import ScaleIntensityRanged
 
 from msam_components.data.synthetic import kits19_like_arrays
 from msam_components.engines import IterativeClickRefinement, msam_loss, msam_optimizer, negative_click_effects
-from msam_components.networks import MSAM
+from msam_components.networks import build_msam
 from msam_components.transforms import NormalizeIntensityAboved
 
 CPU = torch.device("cpu")
@@ -49,7 +49,7 @@ def negative_click_effects_after_training(seed: int) -> tuple[float, float, int]
     it removed, and the number of such clicks."""
     torch.manual_seed(seed)
     kwargs = small_msam_kwargs(click_stamp=8.0, click_stamp_sigma=2.0, lora_rank=0, encoder_trainable="full")
-    net = MSAM(**kwargs)
+    net = build_msam(**kwargs)
     recipe = dict(pass_all_clicks=True, seed=seed, target="clicked", lambda_click=1.0, initial_mask_prob=0.3)
     strategy = {"interior": 0.5, "random": 0.25, "center": 0.25}
     trainer = SupervisedTrainer(

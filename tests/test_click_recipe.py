@@ -12,7 +12,7 @@ from conftest import small_msam_kwargs
 from scipy import ndimage
 
 from msam_components.engines import ClickInferer, EmbeddingCache, IterativeClickRefinement
-from msam_components.networks import MSAM
+from msam_components.networks import build_msam
 from msam_components.transforms.click_sampling import sample_click
 from msam_components.transforms.click_simulator import ClickSimulator, check_strategy, click_compliance
 
@@ -122,7 +122,7 @@ def sim_full(low_res: torch.Tensor) -> torch.Tensor:
 
 def test_refine_draws_the_click_from_the_replaced_mask() -> None:
     torch.manual_seed(0)
-    model = MSAM(**small_msam_kwargs()).eval()
+    model = build_msam(**small_msam_kwargs()).eval()
     image = torch.randn(1, 1, 64, 64, 64)
     seen = []
 
@@ -153,7 +153,7 @@ def test_click_compliance_per_click() -> None:
 
 def test_cumulative_inference_gives_every_click_so_far() -> None:
     torch.manual_seed(0)
-    model = MSAM(**small_msam_kwargs()).eval()
+    model = build_msam(**small_msam_kwargs()).eval()
     image = torch.randn(1, 1, 64, 64, 64)
     fg, bg = [[30, 30, 30], [10, 40, 20]], [[50, 12, 33]]
     with torch.no_grad():
@@ -215,8 +215,8 @@ def test_click_stamp_writes_clicks_into_the_mask_prompt() -> None:
     ignored = stamp_clicks(prompt, points[:, :2], torch.tensor([[-1, -1]]), 64, 8.0, 1.0)
     assert torch.equal(ignored, prompt)  # padding clicks write nothing
     torch.manual_seed(0)
-    plain = MSAM(**small_msam_kwargs()).eval()
-    stamped = MSAM(**small_msam_kwargs(click_stamp=8.0)).eval()
+    plain = build_msam(**small_msam_kwargs()).eval()
+    stamped = build_msam(**small_msam_kwargs(click_stamp=8.0)).eval()
     stamped.load_state_dict(plain.state_dict())  # parameter-free: same checkpoint
     image = torch.randn(1, 1, 64, 64, 64)
     pts, lbl = torch.tensor([[[30, 30, 30]]]), torch.tensor([[0]])
@@ -226,7 +226,7 @@ def test_click_stamp_writes_clicks_into_the_mask_prompt() -> None:
         c = plain.decode(plain.encode(image), pts, lbl, stamp_clicks(torch.zeros_like(a), pts, lbl, 64, 8.0, 1.0))
     assert not torch.allclose(a, b) and torch.allclose(b, c, atol=1e-5)
     with pytest.raises(ValueError, match="click_stamp"):
-        MSAM(**small_msam_kwargs(click_stamp=-1.0))
+        build_msam(**small_msam_kwargs(click_stamp=-1.0))
 
 
 def _interior_click_whole_volume(region: np.ndarray, rng: np.random.RandomState) -> list[int]:

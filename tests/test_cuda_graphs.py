@@ -8,7 +8,7 @@ from conftest import small_msam_kwargs
 
 from msam_components.engines import ClickInferer, EmbeddingCache
 from msam_components.engines.cuda_graphs import CUDAGraphRunner, click_bucket, pad_clicks
-from msam_components.networks import MSAM
+from msam_components.networks import MSAM, build_msam
 from msam_components.networks.compute_paths import set_attention_impl
 
 pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
@@ -20,7 +20,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(scope="module")
 def model() -> MSAM:
     torch.manual_seed(0)
-    net = MSAM(**KWARGS).eval()
+    net = build_msam(**KWARGS).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -113,7 +113,7 @@ def test_click_inferer_on_cpu_is_unchanged_by_the_option(model: MSAM) -> None:
 @needs_cuda
 @pytest.mark.parametrize("impl", ["fast", "reference"])
 def test_captured_graphs_match_eager_on_cuda(model: MSAM, impl: str) -> None:
-    net = MSAM(**KWARGS).cuda().eval()
+    net = build_msam(**KWARGS).cuda().eval()
     net.load_state_dict(model.state_dict())
     set_attention_impl(net, impl)
     runner = CUDAGraphRunner(net)
@@ -134,7 +134,7 @@ def test_captured_graphs_match_eager_on_cuda(model: MSAM, impl: str) -> None:
 
 @needs_cuda
 def test_click_inferer_uses_graphs_on_cuda(model: MSAM) -> None:
-    net = MSAM(**KWARGS).cuda().eval()
+    net = build_msam(**KWARGS).cuda().eval()
     net.load_state_dict(model.state_dict())
     image, points, _ = _case()
     fg, bg = points[0, :2].tolist(), points[0, 2:].tolist()
@@ -149,7 +149,7 @@ def test_click_inferer_uses_graphs_on_cuda(model: MSAM) -> None:
 @needs_cuda
 def test_graph_captured_under_autocast_survives_the_autocast_region(model: MSAM) -> None:
     """bf16 capture in one autocast region, replay in a later one: the graph casts its weights itself."""
-    net = MSAM(**KWARGS).cuda().eval()
+    net = build_msam(**KWARGS).cuda().eval()
     net.load_state_dict(model.state_dict())
     runner = CUDAGraphRunner(net)
     image, points, labels = (t.cuda() for t in _case())

@@ -25,7 +25,7 @@ from msam_components.engines import (
     msam_lr_scheduler,
     msam_optimizer,
 )
-from msam_components.networks import MSAM, load_pretrained
+from msam_components.networks import MSAM, build_msam, load_pretrained
 
 pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
 
@@ -47,7 +47,7 @@ def _outputs(engine) -> list[dict]:
 def test_engine_chain_reproduces_reference_logits(tiny_fixture: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the fixture's fixed clicks, the evaluator's loop reproduces low_res_logits_iter0/1/2 (upsampled)."""
     fx = tiny_fixture
-    net = MSAM(**msam_kwargs_from_reference_config(fx["config"])).eval()
+    net = build_msam(**msam_kwargs_from_reference_config(fx["config"])).eval()
     load_pretrained(net, fx["state_dict"])
     seen_logits: list[torch.Tensor | None] = []
 
@@ -74,7 +74,7 @@ def test_engine_chain_reproduces_reference_logits(tiny_fixture: dict, monkeypatc
 
 def test_trainer_loss_decreases_on_blobs() -> None:
     torch.manual_seed(0)
-    net = MSAM(**small_msam_kwargs())
+    net = build_msam(**small_msam_kwargs())
     loader = DataLoader(make_blob_cases(8), batch_size=2, shuffle=True)
     trainer = SupervisedTrainer(
         device=CPU,
@@ -95,7 +95,7 @@ def test_trainer_loss_decreases_on_blobs() -> None:
 
 def test_evaluator_writes_per_click_reports(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    net = MSAM(**small_msam_kwargs())
+    net = build_msam(**small_msam_kwargs())
     evaluator = _evaluator(net, make_blob_cases(3, seed=5), IterativeClickRefinement(num_clicks=4, seed=3))
     ClickMetricsHandler(output_dir=tmp_path).attach(evaluator)
     evaluator.run()
@@ -114,7 +114,7 @@ def test_evaluator_writes_per_click_reports(tmp_path: Path) -> None:
 
 def test_seeded_evaluation_is_reproducible_and_reseeds_each_epoch() -> None:
     torch.manual_seed(0)
-    net = MSAM(**small_msam_kwargs())
+    net = build_msam(**small_msam_kwargs())
     cases = make_blob_cases(2, seed=7)
 
     def clicks_of_run(epochs: int) -> list[torch.Tensor]:
@@ -136,7 +136,7 @@ def test_seeded_evaluation_is_reproducible_and_reseeds_each_epoch() -> None:
 @pytest.mark.parametrize("detach", [False, True])
 def test_gradient_through_feedback_path(detach: bool) -> None:
     torch.manual_seed(0)
-    net = MSAM(**small_msam_kwargs())
+    net = build_msam(**small_msam_kwargs())
     image = torch.randn(1, 1, 64, 64, 64)
     low_res_outputs: list[torch.Tensor] = []
     original_decode = net.decode
@@ -160,7 +160,7 @@ def test_gradient_through_feedback_path(detach: bool) -> None:
 
 def test_click_inferer_caches_embedding_and_matches_manual_chain() -> None:
     torch.manual_seed(0)
-    net = MSAM(**small_msam_kwargs()).eval()
+    net = build_msam(**small_msam_kwargs()).eval()
     image = torch.randn(1, 1, 64, 64, 64)
     encode_calls = []
     original_encode = net.encode
@@ -193,7 +193,7 @@ def test_click_inferer_caches_embedding_and_matches_manual_chain() -> None:
 def test_click_inferer_resumes_from_cached_clicks_with_replay_results() -> None:
     """A session of growing, edited and reordered click lists: resumed results equal full replays, fewer decodes."""
     torch.manual_seed(0)
-    net = MSAM(**small_msam_kwargs()).eval()
+    net = build_msam(**small_msam_kwargs()).eval()
     images = [torch.randn(1, 1, 64, 64, 64), torch.randn(1, 1, 64, 64, 64)]
     session = [  # (image, foreground, background, clicks the resuming inferer must decode)
         (0, [[30, 31, 32]], [], 1),
@@ -239,7 +239,7 @@ def test_embedding_cache_is_bounded() -> None:
 
 def test_optimiser_and_schedule_follow_the_paper() -> None:
     assert msam_lr_milestones(200) == [120, 180]
-    net = MSAM(**small_msam_kwargs())
+    net = build_msam(**small_msam_kwargs())
     opt = msam_optimizer(net, lr=8e-4)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([8e-4, 8e-5])
     assert all(g["weight_decay"] == 0.1 for g in opt.param_groups)

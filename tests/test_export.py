@@ -19,7 +19,7 @@ from msam_components.export import (
     main,
     state_names,
 )
-from msam_components.networks import MSAM, load_pretrained
+from msam_components.networks import MSAM, build_msam, load_pretrained
 
 pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
 
@@ -34,7 +34,7 @@ CONFIGS = [
 
 def _small_model(**overrides: object) -> MSAM:
     torch.manual_seed(0)
-    return MSAM(**small_msam_kwargs(**overrides)).eval()
+    return build_msam(**small_msam_kwargs(**overrides)).eval()
 
 
 def _image(model: MSAM, seed: int = 1) -> torch.Tensor:
@@ -73,7 +73,7 @@ def test_check_detects_a_mismatching_artifact(tmp_path: Path) -> None:
 
 def test_exported_chain_reproduces_reference_fixture(tmp_path: Path, tiny_fixture: dict) -> None:
     fx = tiny_fixture
-    model = MSAM(**msam_kwargs_from_reference_config(fx["config"])).eval()
+    model = build_msam(**msam_kwargs_from_reference_config(fx["config"])).eval()
     assert load_pretrained(model, fx["state_dict"]).ok
     image = fx["image_int8"].float() * fx["image_scale"]
     encoder, decoder = load_exported(export_torchscript(model, tmp_path, image))
@@ -108,7 +108,7 @@ def test_onnx_chain_reproduces_reference_fixture(tmp_path: Path, tiny_fixture: d
     from msam_components.export_onnx import export_onnx
 
     fx = tiny_fixture
-    model = MSAM(**msam_kwargs_from_reference_config(fx["config"])).eval()
+    model = build_msam(**msam_kwargs_from_reference_config(fx["config"])).eval()
     assert load_pretrained(model, fx["state_dict"]).ok
     image = fx["image_int8"].float() * fx["image_scale"]
     paths = export_onnx(model, tmp_path, image)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import msam_kwargs_from_reference_config
 
-from msam_components.networks import MSAM, fast_attention, load_pretrained
+from msam_components.networks import MSAM, build_msam, fast_attention, load_pretrained
 from msam_components.networks.compute_paths import set_attention_impl
 from msam_components.networks.fast_attention import global_attention, is_single_padded_window, padded_window_attention
 from msam_components.networks.image_encoder import EncoderBlock, ImageEncoderViT3D
@@ -131,12 +131,13 @@ def test_fast_path_under_bf16_autocast() -> None:
 
 def test_attention_impl_is_validated_and_adds_no_parameters() -> None:
     with pytest.raises(ValueError, match="attention_impl"):
-        MSAM(image_size=32, patch_size=8, encoder_embed_dim=16, encoder_depth=1, attention_impl="flash")
+        build_msam(image_size=32, patch_size=8, encoder_embed_dim=16, encoder_depth=1, attention_impl="flash")
+    encoder = ImageEncoderViT3D(image_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, global_attn_indexes=(0,))
     with pytest.raises(ValueError, match="attention_impl"):
-        ImageEncoderViT3D(image_size=32, patch_size=8, embed_dim=16, depth=1, attention_impl="Fast")
+        set_attention_impl(encoder, "Fast")
     kwargs = dict(image_size=32, patch_size=4, encoder_embed_dim=24, encoder_depth=2, encoder_num_heads=2)
     kwargs.update(encoder_global_attn_indexes=(1,), prompt_embed_dim=48, mea_num_heads=4, lora_rank=2)
-    ref, fast = MSAM(**kwargs, attention_impl="reference"), MSAM(**kwargs, attention_impl="fast")
+    ref, fast = build_msam(**kwargs, attention_impl="reference"), build_msam(**kwargs, attention_impl="fast")
     assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in fast.state_dict().items()}
     impls = {m.attention_impl for m in fast.modules() if isinstance(m, RelPosSelfAttention)}
     assert impls == {"fast"} and fast.mea.multi_head_self_attention.attention_impl == "fast"
@@ -146,7 +147,7 @@ def _fixture_model(fx: dict, dtype: torch.dtype, sammed3d: bool = False) -> MSAM
     kwargs = msam_kwargs_from_reference_config(fx["config"])
     if sammed3d:
         kwargs.update(use_mea=False, lora_rank=0, encoder_trainable="frozen")
-    model = MSAM(**kwargs, attention_impl="fast").to(dtype).eval()
+    model = build_msam(**kwargs, attention_impl="fast").to(dtype).eval()
     report = load_pretrained(model, fx["sammed3d_state_dict" if sammed3d else "state_dict"])
     assert report.ok and not report.kept_initialised
     return model
@@ -162,7 +163,7 @@ def test_tiny_fixture_reproduced_with_fast_attention(tiny_fixture: dict, dtype: 
     with torch.no_grad():
         embedding = model.encode(image)
         torch.testing.assert_close(embedding, ref["image_embedding"].to(dtype), **tol)
-        mea = model.mea(fx["mea_in_image"].to(dtype), fx["mea_in_mask"].to(dtype))
+        mea = model.mea(fx["mea_in_image"].to(dtype), model.mea.mask_input(fx["mea_in_mask"].to(dtype)))
         torch.testing.assert_close(mea, ref["mea_out_random"].to(dtype), **tol)
         state, low = model.prepare_embedding(embedding), torch.zeros(1, 1, 32, 32, 32, dtype=dtype)
         for i in range(3):
@@ -186,11 +187,11 @@ def test_gradients_match_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs.update(encoder_global_attn_indexes=(1,), encoder_window_size=11, prompt_embed_dim=48, mask_in_chans=4)
     kwargs.update(decoder_mlp_dim=32, iou_head_hidden_dim=16, mea_num_heads=4, lora_rank=2, encoder_trainable="full")
     torch.manual_seed(0)
-    ref = MSAM(**kwargs, attention_impl="reference").double()
+    ref = build_msam(**kwargs, attention_impl="reference").double()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    fast = MSAM(**kwargs, attention_impl="fast").double()
+    fast = build_msam(**kwargs, attention_impl="fast").double()
     fast.load_state_dict(ref.state_dict())
     image = torch.randn(1, 1, 32, 32, 32, dtype=torch.float64)
     points, labels = torch.tensor([[[10, 20, 5]]]), torch.tensor([[1]])

@@ -8,12 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msam_components.networks import MSAM, MaskDecoder3D, PromptEncoder3D
+from msam_components.networks import MSAM, MaskDecoder3D, PromptEncoder3D, build_msam
 from msam_components.networks.compute_paths import set_attention_impl
 from msam_components.networks.interpolation import separable_trilinear
 from msam_components.networks.layers import LayerNorm3d
-from msam_components.networks.mea import low_rank_mask_conv, mask_conv_kernel
-from msam_components.networks.prompt_encoder import FactoredDense
+from msam_components.networks.mask_input import FactoredDense, low_rank_mask_conv, mask_conv_kernel
 
 pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
 
@@ -34,11 +33,11 @@ def test_factored_dense_materialises_the_dense_embedding(with_mask: bool) -> Non
     encoder = _randomise(PromptEncoder3D(embed_dim=24, image_embedding_size=(2, 3, 4), mask_in_chans=8).double())
     masks = torch.randn(2, 1, 8, 12, 16, dtype=torch.float64) if with_mask else None
     _, dense = encoder(None, None, masks, 2)
-    _, factored = encoder(None, None, masks, 2, factored=True)
+    factored = encoder.factored_dense_embedding(masks, 2)
     assert isinstance(factored, FactoredDense) and factored.z.shape[1] == (8 if with_mask else 0)
     torch.testing.assert_close(factored.materialise(), dense, rtol=0, atol=0)
     with pytest.raises(ValueError, match="low-res mask must be"):
-        encoder(None, None, torch.zeros(2, 1, 8, 8, 8, dtype=torch.float64), 2, factored=True)
+        encoder.factored_dense_embedding(torch.zeros(2, 1, 8, 8, 8, dtype=torch.float64), 2)
 
 
 @pytest.mark.parametrize("k", [16, 0], ids=["mask", "no-mask"])
@@ -80,7 +79,7 @@ def _small_msam(**overrides: object) -> MSAM:
     kwargs.update(encoder_global_attn_indexes=(1,), encoder_window_size=11, prompt_embed_dim=48, mask_in_chans=4)
     kwargs.update(decoder_mlp_dim=32, iou_head_hidden_dim=16, mea_num_heads=4, lora_rank=2)
     kwargs.update(overrides)
-    return _randomise(MSAM(**kwargs, attention_impl="reference"), scale=0.1).double()
+    return _randomise(build_msam(**kwargs, attention_impl="reference"), scale=0.1).double()
 
 
 @pytest.mark.parametrize("num_blocks", [1, 2])

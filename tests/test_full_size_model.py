@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from msam_components.networks import MSAM, count_parameters, load_pretrained, msam_parameter_groups
+from msam_components.networks import MSAM, build_msam, count_parameters, load_pretrained, msam_parameter_groups
 
 pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns 
 @pytest.fixture(scope="module")
 def full_model() -> MSAM:
     torch.manual_seed(0)
-    return MSAM()
+    return build_msam()
 
 
 def _random_state_dict(manifest: dict) -> dict[str, torch.Tensor]:
@@ -32,7 +32,7 @@ def test_default_is_paper_model(full_model: MSAM) -> None:
 
 
 def test_released_code_rank_4_counts() -> None:
-    model = MSAM(lora_rank=4)
+    model = build_msam(lora_rank=4)
     assert count_parameters(model) == 117_801_712
     assert count_parameters(model, trainable_only=True) == 24_876_784
 
@@ -51,20 +51,20 @@ def test_freezing_scheme_and_parameter_groups(full_model: MSAM) -> None:
 
 
 def test_ablation_switches() -> None:
-    plain = MSAM(use_mea=False, lora_rank=0, encoder_trainable="frozen")
+    plain = build_msam(use_mea=False, lora_rank=0, encoder_trainable="frozen")
     assert count_parameters(plain) == 100_509_232  # SAM-Med3D vit_b_ori
     assert count_parameters(plain, trainable_only=True) == 8_668 + 7_575_636
-    full = MSAM(lora_rank=0, encoder_trainable="full")
+    full = build_msam(lora_rank=0, encoder_trainable="full")
     assert count_parameters(full, trainable_only=True) == count_parameters(full)
     with pytest.raises(ValueError, match="lora_rank"):
-        MSAM(lora_rank=0, encoder_trainable="lora")
+        build_msam(lora_rank=0, encoder_trainable="lora")
     with pytest.raises(ValueError, match="encoder_trainable"):
-        MSAM(encoder_trainable="partial")
+        build_msam(encoder_trainable="partial")
 
 
 def test_msam_manifest_loads_strictly_into_rank_4(reference_dir: Path) -> None:
     manifest = json.loads((reference_dir / "msam_state_dict_manifest.json").read_text())
-    model = MSAM(lora_rank=4)
+    model = build_msam(lora_rank=4)
     state = _random_state_dict(manifest)
     assert len(state) == 461
     report = load_pretrained(model, state, strict=True)
@@ -78,7 +78,7 @@ def test_sammed3d_manifest_loads_strictly(reference_dir: Path) -> None:
     manifest = json.loads((reference_dir / "sammed3d_state_dict_manifest.json").read_text())
     state = _random_state_dict(manifest)
     assert len(state) == 324
-    model = MSAM()
+    model = build_msam()
     lora_before = model.image_encoder.blocks[0].attn.qkv.linear_a_q.weight.clone()
     report = load_pretrained(model, state, strict=True)
     assert report.source_format == "sam-med3d" and len(report.loaded) == 324
@@ -87,7 +87,7 @@ def test_sammed3d_manifest_loads_strictly(reference_dir: Path) -> None:
     torch.testing.assert_close(
         model.image_encoder.blocks[0].attn.qkv.qkv.weight, state["image_encoder.blocks.0.attn.qkv.weight"]
     )
-    plain = MSAM(use_mea=False, lora_rank=0, encoder_trainable="frozen")
+    plain = build_msam(use_mea=False, lora_rank=0, encoder_trainable="frozen")
     assert load_pretrained(plain, state).ok
 
 

@@ -16,7 +16,7 @@ import torch
 from conftest import small_msam_kwargs
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from msam_components.networks import MSAM
+from msam_components.networks import MSAM, build_msam
 from msam_components.networks.compute_paths import set_attention_impl
 
 pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
@@ -52,7 +52,7 @@ def _forbidden(fn) -> dict[str, int]:  # noqa: ANN001
 def model(request: pytest.FixtureRequest) -> MSAM:
     kwargs = SMALL_KWARGS if request.param == "small" else PADDED_WINDOW_KWARGS
     torch.manual_seed(0)
-    net = MSAM(**kwargs).eval()
+    net = build_msam(**kwargs).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -95,7 +95,7 @@ def test_the_recorder_sees_what_it_forbids() -> None:
 def test_decode_with_gradients_is_graph_safe(impl: str) -> None:
     """The training step's decode (autograd on) as well."""
     torch.manual_seed(0)
-    net = MSAM(**PADDED_WINDOW_KWARGS, attention_impl=impl)
+    net = build_msam(**PADDED_WINDOW_KWARGS, attention_impl=impl)
     image = torch.randn(2, 1, 16, 16, 16)
     points, labels, valid = _clicks(16)
     found = _forbidden(
@@ -145,14 +145,14 @@ def test_valid_points_shape_is_checked(model: MSAM) -> None:
 
 def test_input_scale_buffer_is_not_in_the_state_dict() -> None:
     """The prompt encoder's coordinate scale is a non-persistent buffer: checkpoints keep their keys."""
-    net = MSAM(**SMALL_KWARGS)
+    net = build_msam(**SMALL_KWARGS)
     assert "prompt_encoder.input_scale" in dict(net.named_buffers())
     assert not any(key.endswith("input_scale") for key in net.state_dict())
 
 
 def test_upsampling_reuses_its_interpolation_matrices() -> None:
     """After the first call the fast upsampling builds nothing on the host (no per-click host-to-device copy)."""
-    net = MSAM(**SMALL_KWARGS)
+    net = build_msam(**SMALL_KWARGS)
     logits = torch.randn(1, 1, *net.low_res_size)
     with torch.inference_mode():
         first = net.upsample(logits)

@@ -17,7 +17,7 @@ from conftest import input_geometries, small_msam_kwargs
 from monai.bundle import ConfigWorkflow
 
 from msam_components.engines import ClickInferer
-from msam_components.networks import MSAM
+from msam_components.networks import MSAM, build_msam
 from msam_components.networks.click_prompt import mask_prompt
 
 pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
@@ -30,7 +30,7 @@ SMALL = REPO / "tests" / "configs" / "small_bundle.yaml"
 @pytest.fixture(scope="module")
 def tiny() -> MSAM:
     torch.manual_seed(0)
-    return MSAM(**small_msam_kwargs(image_size=32, patch_size=4, click_stamp=4.0)).eval()
+    return build_msam(**small_msam_kwargs(image_size=32, patch_size=4, click_stamp=4.0)).eval()
 
 
 def _ball(size: int, centre: tuple[int, int, int], radius: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
 from msam_components.engines import IterativeClickRefinement, msam_loss, msam_optimizer
-from msam_components.networks import MSAM
+from msam_components.networks import MSAM, build_msam
 
 pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
 
@@ -43,7 +43,7 @@ def _evaluate(net: MSAM, cases: list[dict], amp: bool) -> tuple[float, set[torch
 
 def test_bf16_autocast_keeps_the_dice_of_a_trained_model() -> None:
     torch.manual_seed(0)
-    net = MSAM(**small_msam_kwargs(lora_rank=0, encoder_trainable="full"))
+    net = build_msam(**small_msam_kwargs(lora_rank=0, encoder_trainable="full"))
     trainer = SupervisedTrainer(
         device=CPU,
         max_epochs=8,

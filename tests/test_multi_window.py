@@ -18,7 +18,7 @@ from monai.bundle import ConfigWorkflow
 
 from msam_components.engines import ClickInferer
 from msam_components.engines.click_inferer import OUTSIDE_LOGIT
-from msam_components.networks import MSAM
+from msam_components.networks import MSAM, build_msam
 from msam_components.transforms import CropOrPadAroundClicksd
 from msam_components.transforms.spatial import group_clicks
 
@@ -60,7 +60,7 @@ def test_crop_holds_one_window_per_group_and_shifts_the_clicks() -> None:
 @pytest.fixture(scope="module")
 def tiny() -> MSAM:
     torch.manual_seed(0)
-    return MSAM(**small_msam_kwargs(image_size=32, patch_size=4, click_stamp=4.0)).eval()
+    return build_msam(**small_msam_kwargs(image_size=32, patch_size=4, click_stamp=4.0)).eval()
 
 
 def test_each_window_gets_what_running_it_alone_gives(tiny: MSAM) -> None:

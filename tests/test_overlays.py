@@ -69,10 +69,10 @@ def test_every_documented_stack_builds_the_network_its_keys_ask_for(bundle: str,
 
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_the_demo_overlay_only_sets_keys_it_names(bundle: str) -> None:
-    """demo.yaml changes the network through ``network_def#...`` paths, never by replacing ``network_def``."""
+    """demo.yaml names the demo size preset, never replacing ``network_def`` or restating its sizes one by one."""
     demo = ConfigParser.load_config_file(str(REPO / "bundles" / bundle / "configs" / "demo.yaml"))
-    assert "network_def" not in demo
-    assert any(key.startswith("network_def#") for key in demo)
+    assert "network_def" not in demo and demo["network_preset"] == "demo"
+    assert not any(key.startswith("network_def#") for key in demo)
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import msam_kwargs_from_reference_config
 
-from msam_components.networks import MSAM, load_pretrained
+from msam_components.networks import MSAM, build_msam, load_pretrained
 
 pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
 
@@ -29,7 +29,7 @@ def _image(fx: dict, dtype: torch.dtype) -> torch.Tensor:
 
 def _msam(fx: dict, dtype: torch.dtype, attention_impl: str = "reference") -> MSAM:
     kwargs = msam_kwargs_from_reference_config(fx["config"])
-    model = MSAM(**kwargs, attention_impl=attention_impl).to(dtype).eval()
+    model = build_msam(**kwargs, attention_impl=attention_impl).to(dtype).eval()
     report = load_pretrained(model, fx["state_dict"])
     assert report.source_format == "msam-official" and report.ok and not report.kept_initialised
     return model
@@ -38,7 +38,7 @@ def _msam(fx: dict, dtype: torch.dtype, attention_impl: str = "reference") -> MS
 def _sammed3d(fx: dict, dtype: torch.dtype, attention_impl: str = "reference") -> MSAM:
     kwargs = msam_kwargs_from_reference_config(fx["config"])
     kwargs.update(use_mea=False, lora_rank=0, encoder_trainable="frozen", attention_impl=attention_impl)
-    model = MSAM(**kwargs).to(dtype).eval()
+    model = build_msam(**kwargs).to(dtype).eval()
     report = load_pretrained(model, fx["sammed3d_state_dict"])
     assert report.source_format == "sam-med3d" and report.ok and not report.kept_initialised
     return model
@@ -50,7 +50,7 @@ def _click(fx: dict, i: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_tiny_config_parameter_counts(tiny_fixture: dict) -> None:
     counts = tiny_fixture["config"]["param_counts"]
-    model = MSAM(**msam_kwargs_from_reference_config(tiny_fixture["config"]))
+    model = build_msam(**msam_kwargs_from_reference_config(tiny_fixture["config"]))
     assert sum(p.numel() for p in model.parameters()) == counts["total"]
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == counts["trainable_under_msam_freezing"]
     assert sum(p.numel() for p in model.mea.parameters()) == counts["mea"]
@@ -67,7 +67,7 @@ def test_msam_path_matches_reference(tiny_fixture: dict, dtype: torch.dtype, imp
         embedding = model.encode(_image(fx, dtype))
         _close(embedding, ref["image_embedding"], dtype)
         _close(model.prompt_encoder.get_dense_pe(), ref["dense_pe"], dtype)
-        _close(model.mea(fx["mea_in_image"].to(dtype), fx["mea_in_mask"].to(dtype)), ref["mea_out_random"], dtype)
+        _close(model.mea(fx["mea_in_image"].to(dtype), model.mea.mask_input(fx["mea_in_mask"].to(dtype))), ref["mea_out_random"], dtype)
         low = torch.zeros(1, 1, 32, 32, 32, dtype=dtype)
         sparse_names = ["sparse_emb", "sparse_emb_iter1", "sparse_emb_iter2"]
         iou_names = ["iou_pred", "iou_pred_iter1", "iou_pred_iter2"]
@@ -78,7 +78,7 @@ def test_msam_path_matches_reference(tiny_fixture: dict, dtype: torch.dtype, imp
             _close(sparse, ref[sparse_names[i]], dtype)
             if i == 0:
                 _close(dense, ref["dense_emb"], dtype)
-                _close(model.mea(embedding, dense), ref["mea_out"], dtype)
+                _close(model.mea(embedding, model.mea.mask_input(dense)), ref["mea_out"], dtype)
             low, iou = model.decode(embedding, points, labels, low, return_iou=True)
             _close(low, ref[f"low_res_logits_iter{i}"], dtype)
             _close(iou, ref[iou_names[i]], dtype)
@@ -131,7 +131,7 @@ def test_textbook_rel_pos_layout_differs(tiny_fixture: dict) -> None:
     """The upstream broadcasting of relative positions matters: the textbook layout does not reproduce the fixture."""
     fx = tiny_fixture
     kwargs = msam_kwargs_from_reference_config(fx["config"])
-    model = MSAM(**kwargs, rel_pos_layout="decomposed", attention_impl="reference").double().eval()
+    model = build_msam(**kwargs, rel_pos_layout="decomposed", attention_impl="reference").double().eval()
     load_pretrained(model, fx["state_dict"])
     with torch.no_grad():
         embedding = model.encode(_image(fx, torch.float64))

@@ -15,7 +15,7 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
 from msam_components.engines import IterativeClickRefinement, msam_loss
-from msam_components.networks import MSAM
+from msam_components.networks import MSAM, build_msam
 
 pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
 
@@ -41,7 +41,7 @@ def _trainer(net: MSAM, update: IterativeClickRefinement, iterations: int = 1, *
 def test_one_step_equals_the_step_written_out() -> None:
     """Parameters and loss after one trainer step equal zero_grad / click loop / loss over clicks / backward / step."""
     torch.manual_seed(0)
-    net = MSAM(**small_msam_kwargs())
+    net = build_msam(**small_msam_kwargs())
     by_hand = copy.deepcopy(net)
     update = IterativeClickRefinement(num_clicks=3, seed=4, strategy="center", lambda_click=0.5)
     trainer = _trainer(net, update)
@@ -85,7 +85,7 @@ def test_one_step_equals_the_step_written_out() -> None:
 def test_gradient_accumulation_comes_from_the_trainer() -> None:
     """``accumulation_steps=2``: no optimizer step after the first iteration, one after the second."""
     torch.manual_seed(0)
-    net = MSAM(**small_msam_kwargs())
+    net = build_msam(**small_msam_kwargs())
     start = [p.detach().clone() for p in net.parameters()]
     trainer = _trainer(net, IterativeClickRefinement(num_clicks=2, seed=0), iterations=2, accumulation_steps=2)
     moved: list[bool] = []
@@ -100,7 +100,7 @@ def test_gradient_accumulation_comes_from_the_trainer() -> None:
 def test_cpu_amp_runs_the_click_loop_under_cpu_autocast() -> None:
     """MONAI's step autocasts on CUDA only; on CPU the click loop and loss still run in bfloat16 autocast."""
     torch.manual_seed(0)
-    net = MSAM(**small_msam_kwargs())
+    net = build_msam(**small_msam_kwargs())
     update = IterativeClickRefinement(num_clicks=2, seed=0)
     seen: list[tuple[bool, torch.dtype]] = []
     loss_function = msam_loss()

@@ -17,6 +17,7 @@ from torch import nn
 from .decoder_masks import fused_masks, plain_masks
 from .fast_attention import fast_windowed_attention, global_attention
 from .interpolation import separable_trilinear, trilinear
+from .mask_input import MaskInput, factored_mask_input, factored_mask_kernel, no_mask_kernel, plain_mask_input
 from .reference_attention import dense_attention, windowed_attention
 
 
@@ -30,8 +31,9 @@ class ComputePath:
         windowed_attention: ``(attn, x, window_size) -> x``, attention within SAM's zero-padded windows.
         decoder_masks: ``(decoder, hs, src, grid, sel) -> masks``, the decoder's tokens-to-masks step.
         upsample: ``(low_res [B, C, d, h, w], size) -> [B, C, *size]``, trilinear with ``align_corners=False``.
-        factored_mask: whether the MEA receives the dense mask embedding factored (16 channels instead of 384),
-            which lets it compose its mask-branch convolution (``mea.low_rank_mask_conv``).
+        mea_mask_input: ``(mea, prompt_encoder, low_res_mask | None, batch, kernel) -> MaskInput``, the mask prompt as
+            the MEA takes it (``mask_input.py``): plain, or factored on 16 channels instead of 384.
+        mea_mask_kernel: ``(mea, prompt_encoder) -> kernel | None``, what ``mea_mask_input`` can reuse per image.
     """
 
     name: str
@@ -39,14 +41,25 @@ class ComputePath:
     windowed_attention: Callable[..., torch.Tensor]
     decoder_masks: Callable[..., torch.Tensor]
     upsample: Callable[[torch.Tensor, tuple[int, int, int]], torch.Tensor]
-    factored_mask: bool
+    mea_mask_input: Callable[..., MaskInput]
+    mea_mask_kernel: Callable[..., torch.Tensor | None]
 
     def __repr__(self) -> str:
         return f"ComputePath({self.name!r})"
 
 
-REFERENCE = ComputePath("reference", dense_attention, windowed_attention, plain_masks, trilinear, False)
-FAST = ComputePath("fast", global_attention, fast_windowed_attention, fused_masks, separable_trilinear, True)
+REFERENCE = ComputePath(
+    "reference", dense_attention, windowed_attention, plain_masks, trilinear, plain_mask_input, no_mask_kernel
+)
+FAST = ComputePath(
+    "fast",
+    global_attention,
+    fast_windowed_attention,
+    fused_masks,
+    separable_trilinear,
+    factored_mask_input,
+    factored_mask_kernel,
+)
 PATHS = {path.name: path for path in (REFERENCE, FAST)}
 ATTENTION_IMPLS = tuple(PATHS)
 
@@ -61,9 +74,10 @@ def compute_path(attention_impl: str | ComputePath) -> ComputePath:
 
 
 class UsesComputePath:
-    """Mixin for a module that runs a path-dependent operation: it holds ``path``; ``attention_impl`` is its name."""
+    """Mixin for a module that runs a path-dependent operation: it holds ``path`` (``FAST`` until
+    :func:`set_attention_impl` switches it); ``attention_impl`` is its name."""
 
-    path: ComputePath
+    path: ComputePath = FAST
 
     @property
     def attention_impl(self) -> str:

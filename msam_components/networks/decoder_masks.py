@@ -6,24 +6,29 @@ Both take the decoder (for its layers), its transformer's output tokens ``hs`` `
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from .mask_decoder import MaskDecoder3D
+
+class MaskHead(Protocol):
+    """What the tokens-to-masks step reads of the decoder (:class:`mask_decoder.MaskDecoder3D`)."""
+
+    transformer_dim: int
+    output_upscaling: nn.Sequential
+    output_hypernetworks_mlps: nn.ModuleList
 
 
-def hypernetwork_weights(decoder: MaskDecoder3D, hs: torch.Tensor) -> torch.Tensor:
+def hypernetwork_weights(decoder: MaskHead, hs: torch.Tensor) -> torch.Tensor:
     """``[B, T, C / 8]``: every mask token through its own hypernetwork MLP (all of them, so unused ones get zero
     gradients as in the reference)."""
     return torch.stack([mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
 
 
 def plain_masks(
-    decoder: MaskDecoder3D, hs: torch.Tensor, src: torch.Tensor, grid: tuple[int, int, int], sel: slice
+    decoder: MaskHead, hs: torch.Tensor, src: torch.Tensor, grid: tuple[int, int, int], sel: slice
 ) -> torch.Tensor:
     """All masks ``hyper_in @ output_upscaling(src)`` with the plain layers, then the selected ones."""
     b = src.shape[0]
@@ -34,7 +39,7 @@ def plain_masks(
 
 
 def fused_masks(
-    decoder: MaskDecoder3D, hs: torch.Tensor, src: torch.Tensor, grid: tuple[int, int, int], sel: slice
+    decoder: MaskHead, hs: torch.Tensor, src: torch.Tensor, grid: tuple[int, int, int], sel: slice
 ) -> torch.Tensor:
     """The selected masks only, computed channels-last with each transposed conv as one matmul.
 

@@ -1,4 +1,4 @@
-"""Exact fast paths for :class:`RelPosSelfAttention`: SDPA with a rel-pos bias, and a closed-form padded window.
+"""Exact fast paths for `RelPosSelfAttention`: SDPA with a rel-pos bias, and a closed-form padded window.
 
 At 128^3 input every windowed encoder block zero-pads the 8^3 token grid to one 14^3 window (2232 of 2744 tokens are
 padding, and nothing masks them). The padding tokens are zero after ``norm1``, so each one's key and value is
@@ -13,16 +13,12 @@ whole contribution. This is an algebraic identity, not an approximation; outputs
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .reference_attention import windowed_attention
-from .rel_pos import relative_position_table
-
-if TYPE_CHECKING:
-    from .rel_pos_attention import RelPosSelfAttention
+from .rel_pos import AttentionWeights, relative_position_table
 
 Size3 = tuple[int, int, int]
 
@@ -32,7 +28,7 @@ def is_single_padded_window(size: Size3, window_size: int) -> bool:
     return all(s <= window_size for s in size) and any(s < window_size for s in size)
 
 
-def _project(attn: RelPosSelfAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _project(attn: AttentionWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q, k, v`` as ``[B, heads, N, head_dim]`` for channels-last tokens ``x`` ``[B, D, H, W, C]``."""
     b, d, h, w, c = x.shape
     qkv = attn.qkv(x).reshape(b, d * h * w, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
@@ -60,7 +56,7 @@ def _rel_pos_bias(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, real: Size3
     return (a[..., :w].reshape(-1, w, 1, w) + bc.reshape(-1, 1, d * h, w)).view(-1, n, n)
 
 
-def global_attention(attn: RelPosSelfAttention, x: torch.Tensor) -> torch.Tensor:
+def global_attention(attn: AttentionWeights, x: torch.Tensor) -> torch.Tensor:
     """Dense attention over all tokens of ``x`` via ``scaled_dot_product_attention`` with the rel-pos bias as mask.
 
     Same logits as the reference path (``(q * scale) @ k^T`` plus the relative terms); used for the global blocks, the
@@ -135,7 +131,7 @@ def _padding_log_mass_sammed3d(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
 
 
 def _window_rel_pos(
-    attn: RelPosSelfAttention, q: torch.Tensor, q_pad: torch.Tensor, real: Size3, window_size: int
+    attn: AttentionWeights, q: torch.Tensor, q_pad: torch.Tensor, real: Size3, window_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Real-key bias ``[BH, N, N]`` and padding log-mass ``[BH, N]`` (relative terms only) of one padded window."""
     d, h, w = real
@@ -158,7 +154,7 @@ def _window_rel_pos(
     return _rel_pos_bias(a, b, c, real, attn.rel_pos_layout), log_mass.reshape(bh, -1)
 
 
-def padded_window_attention(attn: RelPosSelfAttention, x: torch.Tensor, window_size: int) -> torch.Tensor:
+def padded_window_attention(attn: AttentionWeights, x: torch.Tensor, window_size: int) -> torch.Tensor:
     """Exactly the reference windowed attention for real tokens ``x`` ``[B, d, h, w, C]`` zero-padded to ONE window.
 
     Returns ``[B, d, h, w, C]`` (the cropped reference output) without materialising the padding. Only valid when
@@ -183,7 +179,7 @@ def padded_window_attention(attn: RelPosSelfAttention, x: torch.Tensor, window_s
     return attn.proj(_merge_heads(out, (d, h, w)))
 
 
-def fast_windowed_attention(attn: RelPosSelfAttention, x: torch.Tensor, window_size: int) -> torch.Tensor:
+def fast_windowed_attention(attn: AttentionWeights, x: torch.Tensor, window_size: int) -> torch.Tensor:
     """Windowed attention: the closed form of :func:`padded_window_attention` where the grid pads to one window, else
     the explicit padded windows (:func:`reference_attention.windowed_attention`) attended by :func:`global_attention`.
     """

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .compute_paths import compute_path
 from .layers import LayerNorm3d, MLPBlock
 from .rel_pos_attention import RelPosSelfAttention
 
@@ -28,14 +27,13 @@ class EncoderBlock(nn.Module):
         qkv_bias: bool = True,
         norm_eps: float = 1e-6,
         rel_pos_layout: str = "sam-med3d",
-        attention_impl: str = "reference",
     ) -> None:
         super().__init__()
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         attn_size = grid_size if window_size == 0 else (window_size,) * 3
         self.attn = RelPosSelfAttention(
-            dim, num_heads, attn_size, qkv_bias=qkv_bias, rel_pos_layout=rel_pos_layout, attention_impl=attention_impl
+            dim, num_heads, attn_size, qkv_bias=qkv_bias, rel_pos_layout=rel_pos_layout
         )
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act=nn.GELU)
@@ -62,8 +60,7 @@ class PatchEmbed3D(nn.Module):
 class ImageEncoderViT3D(nn.Module):
     """ViT image encoder with absolute and relative positions, global blocks at ``global_attn_indexes`` and a conv neck.
 
-    ``attention_impl``: ``"reference"`` (explicit padded windows and softmax) or ``"fast"`` (same numbers, see
-    ``compute_paths.py``); it adds no parameters.
+    Its attention runs on the compute path its blocks hold (``compute_paths.set_attention_impl``; no parameters).
     """
 
     def __init__(
@@ -81,10 +78,8 @@ class ImageEncoderViT3D(nn.Module):
         qkv_bias: bool = True,
         norm_eps: float = 1e-6,
         rel_pos_layout: str = "sam-med3d",
-        attention_impl: str = "reference",
     ) -> None:
         super().__init__()
-        compute_path(attention_impl)  # a clear error before any module is built
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.image_size = image_size
@@ -105,7 +100,6 @@ class ImageEncoderViT3D(nn.Module):
                 qkv_bias=qkv_bias,
                 norm_eps=norm_eps,
                 rel_pos_layout=rel_pos_layout,
-                attention_impl=attention_impl,
             )
             for i in range(depth)
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .compute_paths import UsesComputePath, compute_path
+from .compute_paths import UsesComputePath
 from .layers import MLP, LayerNorm3d
 from .transformer import TwoWayTransformer3D
 
@@ -14,7 +14,7 @@ class MaskDecoder3D(UsesComputePath, nn.Module):
     """Predicts ``[B, 1, 32, 32, 32]`` low-res mask logits (and an IoU estimate) from fused image tokens and prompts.
 
     The caller fuses the dense prompt into the image tokens (``image + dense`` for SAM-Med3D, the MEA for M-SAM), so
-    the decoder takes ``image_tokens`` directly. ``attention_impl`` picks the tokens-to-masks step
+    the decoder takes ``image_tokens`` directly. Its compute path picks the tokens-to-masks step
     (``decoder_masks.py``): all masks with the plain layers, then the selected ones (reference), or only the selected
     ones, fused (fast).
     """
@@ -30,10 +30,8 @@ class MaskDecoder3D(UsesComputePath, nn.Module):
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
         norm_eps: float = 1e-5,
-        attention_impl: str = "reference",
     ) -> None:
         super().__init__()
-        self.path = compute_path(attention_impl)
         self.transformer_dim = transformer_dim
         self.transformer = TwoWayTransformer3D(
             transformer_depth,

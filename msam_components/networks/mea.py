@@ -3,22 +3,17 @@
 The data flow follows M-SAM's released code (``BiDirectionalAttentionNetwork``), which produced the published numbers;
 parameter names follow its state dict so official checkpoints load one to one. See docs in ``msam_reference.md`` §2.
 
-Factored mask embedding (the fast compute path passes a :class:`FactoredDense`): the mask encoder ends in a 1x1
-convolution from 16 channels, and the MEA's input LayerNorm only subtracts a per-voxel mean and divides by a per-voxel
-scale, so the normalised mask is ``A @ [z / s, 1 / s, 1]`` per voxel with a ``[384, 18]`` matrix ``A`` built from the
-parameters. The mask branch's 3x3x3 convolution is linear and zero-padded, so it equals a convolution of those 18
-channels with the composed kernel ``conv1.weight @ A``: 12x fewer multiply-adds on the costliest per-click layer, with
-the same result up to float rounding (tested against the plain computation).
+The mask prompt arrives as a :class:`mask_input.MaskInput` (normalised mask, and where the compute path computed it
+the first block's mask convolution), so the MEA runs the same code on either path.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .layers import LayerNorm3d, MLPBlock
-from .prompt_encoder import FactoredDense
+from .mask_input import MaskInput
 from .rel_pos_attention import RelPosSelfAttention
 
 
@@ -45,10 +40,9 @@ class MEAAttentionBlock(RelPosSelfAttention):
         input_size: tuple[int, int, int],
         norm_eps: float,
         rel_pos_layout: str = "sam-med3d",
-        attention_impl: str = "reference",
     ) -> None:
         super().__init__(
-            dim, num_heads, input_size, qkv_bias=True, rel_pos_layout=rel_pos_layout, attention_impl=attention_impl
+            dim, num_heads, input_size, qkv_bias=True, rel_pos_layout=rel_pos_layout
         )
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
@@ -76,7 +70,6 @@ class MutualFeatureEnhancementBlock(nn.Module):
         input_size: tuple[int, int, int],
         eps: float,
         rel_pos_layout: str = "sam-med3d",
-        attention_impl: str = "reference",
     ) -> None:
         super().__init__()
         for branch in ("image", "prompt"):
@@ -85,7 +78,7 @@ class MutualFeatureEnhancementBlock(nn.Module):
             setattr(self, f"{branch}_conv2", nn.Conv3d(channels, channels, kernel_size=1))
             for i in (1, 2, 3):
                 setattr(self, f"{branch}_addnorm{i}", LayerNorm3d(channels, eps))
-            attn = MEAAttentionBlock(channels, num_heads, mlp_dim, input_size, eps, rel_pos_layout, attention_impl)
+            attn = MEAAttentionBlock(channels, num_heads, mlp_dim, input_size, eps, rel_pos_layout)
             setattr(self, f"{branch}_multiheadattn", attn)
         self.mlp1 = MLPBlock(channels, mlp_dim, act=nn.GELU)
         self.mlp2 = MLPBlock(channels, mlp_dim, act=nn.GELU)
@@ -138,17 +131,16 @@ class MaskEnhancedAdapter(nn.Module):
         num_blocks: int = 1,
         eps: float = 1e-6,
         rel_pos_layout: str = "sam-med3d",
-        attention_impl: str = "reference",
     ) -> None:
         super().__init__()
         mlp_dim = int(channels * mlp_ratio)
         size = tuple(input_size)
         self.bidirectional_attentions = nn.ModuleList(
-            MutualFeatureEnhancementBlock(channels, num_heads, mlp_dim, size, eps, rel_pos_layout, attention_impl)
+            MutualFeatureEnhancementBlock(channels, num_heads, mlp_dim, size, eps, rel_pos_layout)
             for _ in range(num_blocks)
         )
         self.multi_head_self_attention = MEAAttentionBlock(
-            channels, num_heads, mlp_dim, size, eps, rel_pos_layout, attention_impl
+            channels, num_heads, mlp_dim, size, eps, rel_pos_layout
         )
         self.add_norm = LayerNorm3d(channels, eps)
         self.add_norm2 = LayerNorm3d(channels, eps)
@@ -161,70 +153,31 @@ class MaskEnhancedAdapter(nn.Module):
         image = self.add_norm3(image_embedding)
         return image, self.bidirectional_attentions[0].image_conv_stage(image)
 
-    def mask_conv_kernel(self, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """The composed kernel of :func:`low_rank_mask_conv` for factored masks with this ``weight`` and ``bias``.
+    @property
+    def mask_conv(self) -> nn.Conv3d:
+        """The first block's mask-branch convolution (``prompt_conv1``), which the fast path computes factored."""
+        return self.bidirectional_attentions[0].prompt_conv1
 
-        It depends on parameters only, so callers compute it once per image (or step) and pass it to :meth:`forward`.
-        """
-        return mask_conv_kernel(self.bidirectional_attentions[0].prompt_conv1, self.add_norm2, weight, bias)
-
-    def normalise_mask(
-        self, mask_embedding: torch.Tensor | FactoredDense, kernel: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``add_norm2(mask_embedding)`` and, for a factored embedding, the first MFEB's ``prompt_conv1`` of it composed
-        on its few channels (for a plain one None: the block convolves it itself).
-
-        ``kernel`` may pass :meth:`mask_conv_kernel` of ``mask_embedding``'s weight and bias, computed earlier.
-        """
-        if not isinstance(mask_embedding, FactoredDense):
-            return self.add_norm2(mask_embedding), None
-        mask, std = self.add_norm2.forward_with_std(mask_embedding.materialise())
-        if kernel is None:
-            kernel = self.mask_conv_kernel(mask_embedding.weight, mask_embedding.bias)
-        return mask, low_rank_mask_conv(self.bidirectional_attentions[0].prompt_conv1, kernel, mask_embedding.z, std)
+    def mask_input(self, dense: torch.Tensor) -> MaskInput:
+        """The plain (reference) mask input of a dense mask embedding ``[B, C, D, H, W]``."""
+        return MaskInput(self.add_norm2(dense))
 
     def forward(
         self,
         image_embedding: torch.Tensor,
-        mask_embedding: torch.Tensor | FactoredDense,
+        mask_input: MaskInput,
         prepared: tuple[torch.Tensor, torch.Tensor] | None = None,
-        mask_kernel: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Decoder image tokens from the image embedding and the dense mask embedding (plain or factored).
+        """Decoder image tokens from the image embedding and the mask prompt.
 
-        ``prepared`` may pass :meth:`prepare_image` and ``mask_kernel`` the matching :meth:`mask_conv_kernel`.
+        ``mask_input`` comes from the compute path (``ComputePath.mea_mask_input``; for a plain dense embedding
+        use :meth:`mask_input`). ``prepared`` may pass :meth:`prepare_image`.
         """
         image, image_conv = self.prepare_image(image_embedding) if prepared is None else prepared
-        mask, mask_conv1 = self.normalise_mask(mask_embedding, mask_kernel)
         first = self.bidirectional_attentions[0]
-        image_out, mask_out = first(image, mask, image_conv=image_conv, mask_conv1=mask_conv1)
+        image_out, mask_out = first(image, mask_input.mask, image_conv=image_conv, mask_conv1=mask_input.conv1)
         for block in self.bidirectional_attentions[1:]:
             image_out, mask_out = block(image_out, mask_out)
-        fused = image_out + image + mask_out + mask
+        fused = image_out + image + mask_out + mask_input.mask
         x = self.add_norm(self.multi_head_self_attention(fused) + fused)
         return x + _channels_first(self.mlp(_channels_last(x)))
-
-
-def mask_conv_kernel(conv: nn.Conv3d, norm: LayerNorm3d, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``conv.weight`` composed with ``A = [g * (W - mean_c W), g * (b - mean b), beta]``: ``[C_out, k + 2, ...]``.
-
-    ``norm(W z + b)`` equals ``A @ [z / std, 1 / std, 1]`` per voxel (``std`` the scale ``norm`` divides by), so
-    ``conv`` of it equals a convolution of those ``k + 2`` channels with this kernel.
-    """
-    gain = norm.weight[:, None]
-    mix = torch.cat([gain * (weight - weight.mean(0)), gain * (bias - bias.mean())[:, None], norm.bias[:, None]], 1)
-    out_ch, in_ch = conv.weight.shape[:2]
-    # [C_out, C_in, 27] x [C_in, k + 2] as one batched matmul over C_out: no copy of the large kernel
-    kernel = mix.t() @ conv.weight.reshape(out_ch, in_ch, -1)
-    return kernel.reshape(out_ch, mix.shape[1], *conv.weight.shape[2:])
-
-
-def low_rank_mask_conv(conv: nn.Conv3d, kernel: torch.Tensor, z: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``conv(norm(W z + b))`` computed on ``k + 2`` channels ``[z / std, 1 / std, 1]`` instead of ``C``.
-
-    ``kernel`` is :func:`mask_conv_kernel` for ``W``, ``b`` and ``norm``; ``std`` the per-voxel scale ``norm`` divided
-    by (:meth:`LayerNorm3d.forward_with_std`). Exact in real arithmetic; zero padding commutes since ``A`` is linear.
-    """
-    inv = std.reciprocal()
-    channels = torch.cat([z * inv, inv, torch.ones_like(inv)], 1)
-    return F.conv3d(channels, kernel, conv.bias, conv.stride, conv.padding, conv.dilation)

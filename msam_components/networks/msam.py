@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..checks import check_type
 from .click_prompt import stamp_clicks
-from .compute_paths import UsesComputePath, compute_path, set_attention_impl
+from .compute_paths import UsesComputePath
 from .image_encoder import ImageEncoderViT3D
 from .image_state import ImageState
 from .lora import LoRAQKV
@@ -20,16 +18,6 @@ from .mea import MaskEnhancedAdapter
 from .prompt_encoder import PromptEncoder3D
 
 ENCODER_TRAINABLE_MODES = ("lora", "frozen", "full")
-_CHECKED = {"int": int, "float": (int, float), "bool": bool}  # by annotation name: a string or a class
-
-
-def check_arguments(fn: Callable, values: dict[str, object]) -> None:
-    """``TypeError`` for any of ``values`` that does not match the ``int`` / ``float`` / ``bool`` annotation of
-    ``fn``'s parameter of that name (``True`` is no int); the signature is the one list of what is checked."""
-    for name, parameter in inspect.signature(fn).parameters.items():
-        annotation = getattr(parameter.annotation, "__name__", parameter.annotation)
-        if name in values and annotation in _CHECKED:
-            check_type(name, values[name], _CHECKED[annotation])
 
 
 # click_fn(iteration, previous full-resolution logits or None) -> (points [B, N, 3], point_labels [B, N])
@@ -38,7 +26,7 @@ ClickFn = Callable[[int, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tenso
 FeedbackFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
-def _check_click_stamp(click_stamp: float, click_stamp_sigma: float) -> None:
+def check_click_stamp(click_stamp: float, click_stamp_sigma: float) -> None:
     """Refuse a negative stamp height or a non-positive width, naming both values."""
     check_type("click_stamp", click_stamp, (int, float))
     check_type("click_stamp_sigma", click_stamp_sigma, (int, float))
@@ -46,195 +34,52 @@ def _check_click_stamp(click_stamp: float, click_stamp_sigma: float) -> None:
         raise ValueError(f"click_stamp must be >= 0 and click_stamp_sigma > 0, got {click_stamp}, {click_stamp_sigma}")
 
 
-@dataclass
-class MSAMParts:
-    """The modules an :class:`MSAM` is composed of; ``mea`` is None for the SAM-Med3D decoder input (no MEA)."""
-
-    image_encoder: ImageEncoderViT3D
-    prompt_encoder: PromptEncoder3D
-    mask_decoder: MaskDecoder3D
-    mea: MaskEnhancedAdapter | None = None
-
-
-def build_parts(
-    image_size: int = 128,
-    patch_size: int = 16,
-    in_channels: int = 1,
-    encoder_embed_dim: int = 768,
-    encoder_depth: int = 12,
-    encoder_num_heads: int = 12,
-    encoder_mlp_ratio: float = 4.0,
-    encoder_global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
-    encoder_window_size: int = 14,
-    prompt_embed_dim: int = 384,
-    mask_in_chans: int = 16,
-    decoder_transformer_depth: int = 2,
-    decoder_num_heads: int = 8,
-    decoder_mlp_dim: int = 2048,
-    decoder_attention_downsample_rate: int = 2,
-    num_multimask_outputs: int = 3,
-    iou_head_depth: int = 3,
-    iou_head_hidden_dim: int = 256,
-    use_mea: bool = True,
-    mea_num_heads: int = 6,
-    mea_mlp_ratio: float = 4.0,
-    mea_num_blocks: int = 1,
-    rel_pos_layout: str = "sam-med3d",
-    attention_impl: str = "fast",
-) -> MSAMParts:
-    """Build the image encoder, prompt encoder, mask decoder and (``use_mea``) MEA of the given sizes, in that order
-    (the order of their random initialisation); the defaults are the paper's model."""
-    check_arguments(build_parts, locals())
-    grid = image_size // patch_size
-    embedding_size = (grid, grid, grid)
-    return MSAMParts(
-        image_encoder=ImageEncoderViT3D(
-            image_size=image_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            embed_dim=encoder_embed_dim,
-            depth=encoder_depth,
-            num_heads=encoder_num_heads,
-            mlp_ratio=encoder_mlp_ratio,
-            out_chans=prompt_embed_dim,
-            global_attn_indexes=encoder_global_attn_indexes,
-            window_size=encoder_window_size,
-            rel_pos_layout=rel_pos_layout,
-            attention_impl=attention_impl,
-        ),
-        prompt_encoder=PromptEncoder3D(
-            embed_dim=prompt_embed_dim,
-            image_embedding_size=embedding_size,
-            input_image_size=(image_size,) * 3,
-            mask_in_chans=mask_in_chans,
-        ),
-        mask_decoder=MaskDecoder3D(
-            transformer_dim=prompt_embed_dim,
-            num_multimask_outputs=num_multimask_outputs,
-            transformer_depth=decoder_transformer_depth,
-            transformer_num_heads=decoder_num_heads,
-            transformer_mlp_dim=decoder_mlp_dim,
-            attention_downsample_rate=decoder_attention_downsample_rate,
-            iou_head_depth=iou_head_depth,
-            iou_head_hidden_dim=iou_head_hidden_dim,
-            attention_impl=attention_impl,
-        ),
-        mea=(
-            MaskEnhancedAdapter(
-                prompt_embed_dim,
-                mea_num_heads,
-                mea_mlp_ratio,
-                embedding_size,
-                mea_num_blocks,
-                rel_pos_layout=rel_pos_layout,
-                attention_impl=attention_impl,
-            )
-            if use_mea
-            else None
-        ),
-    )
-
-
 class MSAM(UsesComputePath, nn.Module):
-    """M-SAM for 3-D lesion segmentation from clicks; the default arguments build the paper's full-size model.
+    """M-SAM for 3-D lesion segmentation from clicks, composed of its parts (as segment-anything's ``Sam``).
 
-    Defaults: ViT-B encoder (768 wide, 12 blocks, 12 heads, global blocks 2/5/8/11, window 14), prompt dim 384, 128^3
-    input, MEA on, LoRA rank 16 on q and v: 118,244,080 parameters of which 25,319,152 (21.41 %) are trainable. The
-    released code uses ``lora_rank=4`` (117,801,712 / 24,876,784). Ablations (paper Table 3): ``use_mea=False`` is
-    SAM-Med3D's decoder input ``image + dense``; ``lora_rank=0, encoder_trainable="frozen"`` freezes the encoder;
-    ``lora_rank=0, encoder_trainable="full"`` fine-tunes it entirely. ``rel_pos_layout="sam-med3d"`` keeps the
-    upstream broadcasting of the relative-position terms that the pretrained weights expect; ``"decomposed"`` is the
-    textbook MViTv2 form (for training from scratch only). ``attention_impl`` picks the compute path of every part
-    (``compute_paths.py``, the one place both live): ``"fast"`` (default) computes the encoder and MEA attention
-    exactly but without materialising the window padding, via ``scaled_dot_product_attention`` (about 10x faster
-    encoder on CPU), and takes the exact fast per-click steps (the MEA's mask-branch convolution on the factored mask
-    embedding, a fused, selected-masks-only decoder upscaling, a separable upsampling of the logits); ``"reference"``
-    is the straightforward computation all of them are tested against. Neither changes parameters;
-    :func:`compute_paths.set_attention_impl` switches a built model.
+    ``image_encoder`` (SAM-Med3D's ViT, with LoRA where the builder added it), ``prompt_encoder``, ``mask_decoder`` and
+    ``mea`` (the Mask-Enhanced Adapter; None gives SAM-Med3D's decoder input ``image + dense``). The sizes are read
+    from the prompt encoder. :func:`builder.build_msam` builds the paper's model and the project's presets (sizes,
+    LoRA, freezing scheme, compute path); this class holds no construction logic, and its attribute names are the
+    checkpoint format.
 
     ``click_stamp > 0`` also writes each click into the low-res mask prompt (``click_prompt.py``; parameter-free, off
     in the upstream model), so a model trained from scratch cannot ignore clicks in favour of its fed-back mask.
 
-    Contract: :meth:`encode` runs once per image, :meth:`decode` once per click, :meth:`forward` does both.
+    The compute path (``compute_paths.py``: ``"fast"``, the default, or ``"reference"``) is the parts' and is switched
+    for all of them at once by :func:`compute_paths.set_attention_impl`.
+
+    Contract: :meth:`encode` runs once per image, :meth:`prepare_embedding` once per image, :meth:`decode` once per
+    click; :meth:`forward` does all three.
     """
 
     def __init__(
         self,
-        image_size: int = 128,
-        patch_size: int = 16,
-        in_channels: int = 1,
-        encoder_embed_dim: int = 768,
-        encoder_depth: int = 12,
-        encoder_num_heads: int = 12,
-        encoder_mlp_ratio: float = 4.0,
-        encoder_global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
-        encoder_window_size: int = 14,
-        prompt_embed_dim: int = 384,
-        mask_in_chans: int = 16,
-        decoder_transformer_depth: int = 2,
-        decoder_num_heads: int = 8,
-        decoder_mlp_dim: int = 2048,
-        decoder_attention_downsample_rate: int = 2,
-        num_multimask_outputs: int = 3,
-        iou_head_depth: int = 3,
-        iou_head_hidden_dim: int = 256,
-        use_mea: bool = True,
-        mea_num_heads: int = 6,
-        mea_mlp_ratio: float = 4.0,
-        mea_num_blocks: int = 1,
-        lora_rank: int = 16,
-        encoder_trainable: str = "lora",
-        rel_pos_layout: str = "sam-med3d",
-        attention_impl: str = "fast",
+        image_encoder: ImageEncoderViT3D,
+        prompt_encoder: PromptEncoder3D,
+        mask_decoder: MaskDecoder3D,
+        mea: MaskEnhancedAdapter | None = None,
         click_stamp: float = 0.0,
         click_stamp_sigma: float = 1.0,
     ) -> None:
         super().__init__()
-        check_arguments(MSAM.__init__, locals())
-        self.path = compute_path(attention_impl)
-        _check_click_stamp(click_stamp, click_stamp_sigma)  # before the (slow, full-size) modules are built
-        given = locals()
-        parts = build_parts(**{name: given[name] for name in inspect.signature(build_parts).parameters})
-        self._assemble(parts, lora_rank, encoder_trainable, click_stamp, click_stamp_sigma)
-
-    @classmethod
-    def from_parts(
-        cls,
-        parts: MSAMParts,
-        lora_rank: int = 0,
-        encoder_trainable: str = "full",
-        attention_impl: str = "fast",
-        click_stamp: float = 0.0,
-        click_stamp_sigma: float = 1.0,
-    ) -> MSAM:
-        """An M-SAM composed of given modules (as segment-anything's ``Sam(image_encoder, prompt_encoder,
-        mask_decoder)``): the sizes are read from the prompt encoder; LoRA of ``lora_rank`` is added to the encoder."""
-        check_type("lora_rank", lora_rank, int)
-        model = cls.__new__(cls)
-        nn.Module.__init__(model)
-        model.path = compute_path(attention_impl)
-        model._assemble(parts, lora_rank, encoder_trainable, click_stamp, click_stamp_sigma)
-        return model
-
-    def _assemble(
-        self, parts: MSAMParts, lora_rank: int, encoder_trainable: str, click_stamp: float, click_stamp_sigma: float
-    ) -> None:
-        """Hold the parts (in this order: the parameter names are the checkpoint format), add LoRA, set what trains."""
-        _check_click_stamp(click_stamp, click_stamp_sigma)
+        check_click_stamp(click_stamp, click_stamp_sigma)
         self.click_stamp, self.click_stamp_sigma = float(click_stamp), float(click_stamp_sigma)
-        self.image_size = int(parts.prompt_encoder.input_image_size[0])
-        self.embedding_size = tuple(parts.prompt_encoder.image_embedding_size)
+        self.image_size = int(prompt_encoder.input_image_size[0])
+        self.embedding_size = tuple(prompt_encoder.image_embedding_size)
         self.low_res_size = tuple(4 * g for g in self.embedding_size)
-        self.image_encoder = parts.image_encoder
-        self.prompt_encoder = parts.prompt_encoder
-        self.mask_decoder = parts.mask_decoder
-        self.mea = parts.mea
-        set_attention_impl(self, self.path.name)  # given parts may have been built on the other path
-        self.lora_rank = lora_rank
-        if lora_rank > 0:
-            for block in self.image_encoder.blocks:
-                block.attn.qkv = LoRAQKV(block.attn.qkv, lora_rank)
-        set_encoder_trainable(self, encoder_trainable)
+        # in this order: the parameter names and their order are the checkpoint format
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.mea = mea
+        self.encoder_trainable = "full"  # what nn.Module gives; set_encoder_trainable records another scheme
+
+    @property
+    def lora_rank(self) -> int:
+        """The rank of the encoder's LoRA (0 without LoRA)."""
+        ranks = {block.attn.qkv.rank for block in self.image_encoder.blocks if isinstance(block.attn.qkv, LoRAQKV)}
+        return ranks.pop() if len(ranks) == 1 else 0
 
     @property
     def use_mea(self) -> bool:
@@ -245,12 +90,12 @@ class MSAM(UsesComputePath, nn.Module):
         return self.image_encoder(image)
 
     def prepare_embedding(self, embedding: torch.Tensor) -> ImageState:
-        """Per-image state for :meth:`decode`: :meth:`prepare_image_state` plus, where the compute path factors the
-        mask embedding, the MEA's composed mask kernel (parameters only; per image keeps it in step with training)."""
+        """Per-image state for :meth:`decode`: :meth:`prepare_image_state` plus what the compute path reuses for every
+        click of the image (the fast path's composed MEA mask kernel; parameters only, so per image keeps it in step
+        with training)."""
         state = self.prepare_image_state(embedding)
-        if self.mea is not None and self.path.factored_mask:
-            last = self.prompt_encoder.mask_downscaling[-1]
-            state.mask_kernel = self.mea.mask_conv_kernel(last.weight.flatten(1), last.bias)
+        if self.mea is not None:
+            state.mask_kernel = self.path.mea_mask_kernel(self.mea, self.prompt_encoder)
         return state
 
     def prepare_image_state(self, embedding: torch.Tensor) -> ImageState:
@@ -294,14 +139,13 @@ class MSAM(UsesComputePath, nn.Module):
             low_res_mask = stamp_clicks(
                 base, points, point_labels, self.image_size, self.click_stamp, self.click_stamp_sigma
             )
-        factored = self.mea is not None and self.path.factored_mask  # 16 channels instead of 384
-        sparse, dense = self.prompt_encoder(points, point_labels, low_res_mask, batch, factored=factored)
+        sparse = self.prompt_encoder.sparse_embedding(points, point_labels, batch)
         if self.mea is not None:
-            prepared = (state.mea_image, state.mea_image_conv)
             kernel = state.mask_kernel if low_res_mask is not None else None
-            image_tokens = self.mea(image_embedding, dense, prepared=prepared, mask_kernel=kernel)
+            mask_input = self.path.mea_mask_input(self.mea, self.prompt_encoder, low_res_mask, batch, kernel)
+            image_tokens = self.mea(image_embedding, mask_input, prepared=(state.mea_image, state.mea_image_conv))
         else:
-            image_tokens = image_embedding + dense
+            image_tokens = image_embedding + self.prompt_encoder.dense_embedding(low_res_mask, batch)
         bias = None
         if valid_points is not None:  # 0 for clicks that count, -inf for padding; the appended SAM token counts
             bias = sparse.new_zeros(valid_points.shape).masked_fill(~valid_points, float("-inf"))

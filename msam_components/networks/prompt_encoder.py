@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .layers import LayerNorm3d
+from .mask_input import FactoredDense
 
 
 class RandomFourierPE3D(nn.Module):
@@ -37,26 +36,6 @@ class RandomFourierPE3D(nn.Module):
         axes = [(torch.arange(n, device=g.device, dtype=g.dtype) + 0.5) / n for n in size]
         dd, hh, ww = torch.meshgrid(*axes, indexing="ij")
         return self.encode(torch.stack([hh, dd, ww], dim=-1)).permute(3, 0, 1, 2)
-
-
-class FactoredDense(NamedTuple):
-    """A dense prompt embedding kept in factored form: per voxel ``weight @ z + bias``.
-
-    ``z`` ``[B, k, D, H, W]`` is the mask encoder's input to its last (1x1) convolution, and ``weight`` ``[C, k]`` and
-    ``bias`` ``[C]`` are that convolution's parameters. ``k`` is 16, against ``C = 384`` channels, so consumers that are
-    linear in the embedding can work on ``k`` channels instead of ``C`` (see the MEA). ``k = 0`` is the no-mask case,
-    a constant field.
-    """
-
-    z: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-    def materialise(self) -> torch.Tensor:
-        """The dense embedding ``[B, C, D, H, W]``, computed exactly as the unfactored prompt encoder computes it."""
-        if self.z.shape[1] == 0:
-            return self.bias.reshape(1, -1, 1, 1, 1).expand(self.z.shape[0], -1, *self.z.shape[2:])
-        return F.conv3d(self.z, self.weight[:, :, None, None, None], self.bias)
 
 
 class PromptEncoder3D(nn.Module):
@@ -130,41 +109,39 @@ class PromptEncoder3D(nn.Module):
                 f"low-res mask must be [B, 1, {', '.join(map(str, self.mask_input_size))}], got {list(masks.shape)}"
             )
 
-    def embed_mask_factored(self, masks: torch.Tensor | None, batch_size: int) -> FactoredDense:
-        """:meth:`embed_mask` (or the no-mask embedding when ``masks`` is None) as a :class:`FactoredDense`."""
+    def factored_mask_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight [C, k], bias [C])`` of the mask encoder's last (1x1x1) convolution, which the fast path factors."""
         last = self.mask_downscaling[-1]
         if not (isinstance(last, nn.Conv3d) and last.kernel_size == (1, 1, 1)):
             raise TypeError("the mask encoder must end in a 1x1x1 Conv3d to be factored")
+        return last.weight.flatten(1), last.bias
+
+    def factored_dense_embedding(self, masks: torch.Tensor | None, batch_size: int) -> FactoredDense:
+        """:meth:`dense_embedding` as a :class:`FactoredDense` (the same values once materialised)."""
+        weight, bias = self.factored_mask_parameters()
         if masks is None:
-            weight = self.no_mask_embed.weight
-            z = weight.new_zeros(batch_size, 0, *self.image_embedding_size)
-            return FactoredDense(z, weight.new_zeros(self.embed_dim, 0), weight[0])
+            no_mask = self.no_mask_embed.weight
+            z = no_mask.new_zeros(batch_size, 0, *self.image_embedding_size)
+            return FactoredDense(z, no_mask.new_zeros(self.embed_dim, 0), no_mask[0])
         self._check_mask_shape(masks)
-        return FactoredDense(self.mask_downscaling[:-1](masks), last.weight.flatten(1), last.bias)
+        return FactoredDense(self.mask_downscaling[:-1](masks), weight, bias)
+
+    def dense_embedding(self, masks: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """``[B, C, 8, 8, 8]``: :meth:`embed_mask` of the low-res logits, or the learned no-mask embedding."""
+        if masks is not None:
+            return self.embed_mask(masks)
+        return self.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand(batch_size, -1, *self.image_embedding_size)
+
+    def sparse_embedding(self, points: torch.Tensor | None, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """``[B, N+1, C]`` click tokens (``[B, 0, C]`` without points)."""
+        if points is None:
+            return self.not_a_point_embed.weight.new_zeros(batch_size, 0, self.embed_dim)
+        if labels is None:
+            raise ValueError("point_labels must be given together with points")
+        return self.embed_points(points, labels, pad=True)
 
     def forward(
-        self,
-        points: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        masks: torch.Tensor | None,
-        batch_size: int,
-        factored: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | FactoredDense]:
-        """Return sparse ``[B, N+1, C]`` (``[B, 0, C]`` without points) and dense ``[B, C, 8, 8, 8]`` embeddings.
-
-        With ``factored`` the dense embedding is returned as a :class:`FactoredDense` (same values once materialised).
-        """
-        weight = self.not_a_point_embed.weight
-        if points is not None:
-            if labels is None:
-                raise ValueError("point_labels must be given together with points")
-            sparse = self.embed_points(points, labels, pad=True)
-        else:
-            sparse = weight.new_zeros(batch_size, 0, self.embed_dim)
-        if factored:
-            return sparse, self.embed_mask_factored(masks, batch_size)
-        if masks is not None:
-            dense = self.embed_mask(masks)
-        else:
-            dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand(batch_size, -1, *self.image_embedding_size)
-        return sparse, dense
+        self, points: torch.Tensor | None, labels: torch.Tensor | None, masks: torch.Tensor | None, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return sparse ``[B, N+1, C]`` (``[B, 0, C]`` without points) and dense ``[B, C, 8, 8, 8]`` embeddings."""
+        return self.sparse_embedding(points, labels, batch_size), self.dense_embedding(masks, batch_size)

@@ -6,20 +6,16 @@ Straightforward on purpose: every fast function in ``fast_attention.py`` is test
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .rel_pos import add_rel_pos, decomposed_rel_pos_terms
+from .rel_pos import AttentionWeights, add_rel_pos, decomposed_rel_pos_terms
 
-if TYPE_CHECKING:
-    from .rel_pos_attention import RelPosSelfAttention
-
-Attend = Callable[["RelPosSelfAttention", torch.Tensor], torch.Tensor]
+Attend = Callable[[AttentionWeights, torch.Tensor], torch.Tensor]
 
 
-def dense_attention(attn: RelPosSelfAttention, x: torch.Tensor) -> torch.Tensor:
+def dense_attention(attn: AttentionWeights, x: torch.Tensor) -> torch.Tensor:
     """``attn`` over all tokens of channels-last ``x`` ``[B, D, H, W, C]``: ``softmax((q * scale) k^T + rel) v``."""
     b, d, h, w, c = x.shape
     n, nh = d * h * w, attn.num_heads
@@ -64,7 +60,7 @@ def window_unpartition(
 
 
 def windowed_attention(
-    attn: RelPosSelfAttention, x: torch.Tensor, window_size: int, attend: Attend = dense_attention
+    attn: AttentionWeights, x: torch.Tensor, window_size: int, attend: Attend = dense_attention
 ) -> torch.Tensor:
     """``attend`` within each zero-padded window of ``x`` ``[B, D, H, W, C]``, padding cropped from the result."""
     windows, padded = window_partition(x, window_size)

@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+
+class AttentionWeights(Protocol):
+    """What the attention computations (``reference_attention``, ``fast_attention``) read of an attention module
+    (:class:`rel_pos_attention.RelPosSelfAttention`): its projections, heads and relative-position tables."""
+
+    qkv: nn.Module
+    proj: nn.Module
+    num_heads: int
+    scale: float
+    use_rel_pos: bool
+    rel_pos_layout: str
+    rel_pos_d: torch.Tensor
+    rel_pos_h: torch.Tensor
+    rel_pos_w: torch.Tensor
 
 
 def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .compute_paths import UsesComputePath, compute_path
+from .compute_paths import UsesComputePath
 from .rel_pos import REL_POS_LAYOUTS
 
 
@@ -14,7 +14,7 @@ class RelPosSelfAttention(UsesComputePath, nn.Module):
 
     Logits are ``(q * scale) @ k^T + rel_d + rel_h + rel_w`` where the relative terms use the unscaled queries, as in
     SAM-Med3D. ``input_size`` fixes the relative-position table lengths (``2 * size - 1`` per axis);
-    ``rel_pos_layout`` selects how the per-axis terms are broadcast (see :func:`rel_pos.add_rel_pos`). ``attention_impl``
+    ``rel_pos_layout`` selects how the per-axis terms are broadcast (see :func:`rel_pos.add_rel_pos`). Its compute path
     picks the computation (``compute_paths.py``): explicit softmax (reference) or ``scaled_dot_product_attention``.
     """
 
@@ -26,10 +26,8 @@ class RelPosSelfAttention(UsesComputePath, nn.Module):
         qkv_bias: bool = True,
         use_rel_pos: bool = True,
         rel_pos_layout: str = "sam-med3d",
-        attention_impl: str = "reference",
     ) -> None:
         super().__init__()
-        self.path = compute_path(attention_impl)
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
