@@ -181,7 +181,7 @@ def build_network(config_files: Sequence[str | Path], ckpt_path: str | Path) -> 
     """Instantiate ``network_def`` from bundle config files (later files override earlier) and load ``ckpt_path``."""
     from monai.bundle import ConfigParser
 
-    from .networks.checkpoint import load_pretrained
+    from .networks.pretrained import load_pretrained
 
     parser = ConfigParser()
     parser.read_config([str(f) for f in config_files])

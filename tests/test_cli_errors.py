@@ -355,7 +355,7 @@ def test_amp_false_reaches_the_trainer_from_the_shell(tmp_path: Path) -> None:
 
 def test_failure_reason_skips_monai_wrappers() -> None:
     """The last line names the real reason, not MONAI's 'applying transform' / 'Failed to instantiate' wrappers."""
-    from msam_components.cli import failure_reason
+    from msam_components.failure_report import failure_reason
 
     try:
         try:
@@ -491,7 +491,7 @@ def test_a_full_disk_under_another_writer_still_says_so() -> None:
     the reason line adds that the disk is full and which file was being written."""
     import errno
 
-    from msam_components.cli import failure_reason
+    from msam_components.failure_report import failure_reason
 
     def save(path: str) -> None:
         try:

@@ -85,12 +85,12 @@ def test_multi_gpu_handlers_are_chosen_by_type_not_position(rank: int, monkeypat
     monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: rank)
     parser = _parser("msam_kits19", ["train.yaml", "multi_gpu_train.yaml"], {})
     parser["train#handlers"] = (
-        "$[ignite.handlers.TerminateOnNan(), msam_components.cli.FailureReport(), monai.handlers.StatsHandler(),"
+        "$[ignite.handlers.TerminateOnNan(), msam_components.failure_report.FailureReport(), monai.handlers.StatsHandler(),"
         " msam_components.engines.run_checks.RequireLesionCases()]"
     )
     parser["validate#handlers"] = (
         "$[ignite.handlers.TerminateOnNan(), monai.handlers.StatsHandler(),"
-        " msam_components.engines.ClickMetricsHandler(output_dir='.'), msam_components.cli.FailureReport(),"
+        " msam_components.engines.ClickMetricsHandler(output_dir='.'), msam_components.failure_report.FailureReport(),"
         " msam_components.engines.LesionMetricsHandler(output_dir=None)]"
     )
     train = [type(h).__name__ for h in parser.get_parsed_content("train#trainer#train_handlers")]

@@ -1,6 +1,6 @@
 """Ignite/MONAI engine parts: the click-loop iteration, click inferer, per-click metrics, optimiser and schedule."""
 
-from .checkpointing import TrainingCheckpoint, atomic_torch_save
+from .training_checkpoint import TrainingCheckpoint, atomic_torch_save
 from .click_effects import negative_click_effects
 from .click_inferer import ClickHistory, ClickInferer, EmbeddingCache
 from .click_metrics import ClickMetricsHandler, summarise_click_metrics

@@ -1,7 +1,7 @@
 """M-SAM networks: image encoder, prompt encoder, mask decoder, MEA, LoRA, the model and checkpoint import."""
 
 from .builder import PRESETS, add_lora, build_msam, msam_of_sizes
-from .checkpoint import CheckpointError, LoadReport, load_pretrained, load_pretrained_or_warn, read_checkpoint
+from .pretrained import CheckpointError, LoadReport, load_pretrained, load_pretrained_or_warn, read_checkpoint
 from .compute_paths import ATTENTION_IMPLS, ComputePath, set_attention_impl
 from .image_encoder import ImageEncoderViT3D
 from .image_state import ImageState

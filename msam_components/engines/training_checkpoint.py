@@ -12,7 +12,7 @@ from ignite.engine import Engine, Events
 
 from ..checks import as_bool
 from ..io import atomic_write
-from ..networks.checkpoint import read_checkpoint
+from ..networks.pretrained import read_checkpoint
 
 FORMAT = "msam-training-checkpoint/1"
 logger = logging.getLogger("msam_components")
