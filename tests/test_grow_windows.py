@@ -120,3 +120,66 @@ def test_no_growth_for_a_lesion_inside_its_window() -> None:
         ClickInferer(max_grow_windows=-1)
     with pytest.raises(ValueError, match="grow_margin needs multi_window"):
         CropOrPadAroundClicksd(grow_margin=4)
+
+
+class PieceOracle(OracleMSAM):
+    """Like a model that segments a precise piece around its click: the bright voxels within ``radius`` voxels of a
+    positive click (the demo model with ``click_stamp_sigma: 2`` does this on a long tumour)."""
+
+    radius = 4
+
+    def decode(self, state, points, labels, low_res):
+        bright = state["image"][0, 0].numpy() > 0
+        near = np.zeros_like(bright)
+        grid = np.indices(bright.shape)
+        for p, l in zip(points[0].tolist(), labels[0].tolist()):
+            if l == 1:
+                near |= sum((g - c) ** 2 for g, c in zip(grid, p)) <= self.radius**2
+        return torch.where(torch.as_tensor(bright & near), 8.0, -8.0)[None, None]
+
+
+def _textured(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Background -1 and noise of std 0.05, so the lesion's intensity spread (its MAD) is not zero."""
+    return -torch.ones(1, *shape) + 0.05 * torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _piece_run(image: torch.Tensor, click: list[int], grow: int, band: float) -> tuple[torch.Tensor, ClickInferer]:
+    crop = CropOrPadAroundClicksd(keys="image", spatial_size=S, center="first", multi_window=True, grow_margin=3 * S)
+    data = crop({"image": image, "foreground": [click], "background": []})
+    inferer = ClickInferer(mode="cumulative", max_grow_windows=grow, grow_band=band)
+    with torch.no_grad():
+        logits = inferer(
+            data["image"][None],
+            PieceOracle(),
+            data["foreground"][None],
+            data["background"][None],
+            click_windows=data["click_windows"],
+            click_groups=data["click_groups"],
+        )
+    return logits[0, 0] > 0, inferer
+
+
+def test_a_precise_piece_that_stays_inside_its_window_still_grows() -> None:
+    """Issue 24's regression: the first click's mask is a piece that never reaches a window face, so a trigger on the
+    mask itself (``grow_band=0``) adds no window; the lesion's extent from the image (``grow_band=2``) follows it."""
+    image = _textured((64, 24, 24))
+    image[0, 6:58, 8:14, 8:14] += 2.0  # a tube 52 voxels long (intensity 1 +- 0.05), the window is 16
+    lesion = image[0] > 0
+    piece, inferer = _piece_run(image, [30, 10, 10], grow=8, band=0.0)
+    assert inferer.last_grown_windows == 0 and float((piece & lesion).sum() / lesion.sum()) < 0.2
+    grown, inferer = _piece_run(image, [30, 10, 10], grow=8, band=2.0)
+    coverage = float((grown & lesion).sum() / lesion.sum())
+    assert inferer.last_grown_windows >= 2 and coverage > 0.5, (inferer.last_grown_windows, coverage)
+    assert not bool((grown & ~lesion).any())  # the windows follow the tube; the model draws only on it
+
+
+def test_a_small_lesion_beside_a_different_tissue_adds_no_window() -> None:
+    """The extent estimate keeps to the lesion's intensity: a neighbour 0.5 brighter (ten of its robust stds) that runs
+    out of the window is not followed."""
+    image = _textured((64, 24, 24))
+    image[0, 28:33, 8:13, 8:13] += 2.0  # the lesion, 5 voxels
+    image[0, 0:64, 13:18, 8:13] += 2.5  # touching it, a long structure of another intensity
+    mask, inferer = _piece_run(image, [30, 10, 10], grow=8, band=2.0)
+    assert inferer.last_grown_windows == 0
+    with pytest.raises(ValueError, match="grow_band"):
+        ClickInferer(grow_band=-1.0)

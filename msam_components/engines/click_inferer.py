@@ -15,8 +15,8 @@ from monai.inferers import Inferer
 from ..networks.click_prompt import mask_prompt
 from ..networks.image_state import ImageState
 from ..networks.msam import MSAM
-from ..transforms.click_sampling import deepest_voxel
 from .cuda_graphs import DEFAULT_CLICK_BUCKETS, CUDAGraphRunner
+from .window_growth import WindowGrowth
 
 ClickList = Sequence[Sequence[int]] | torch.Tensor | None
 CLICK_MODES = ("sequential", "cumulative", "together")
@@ -149,12 +149,15 @@ class ClickInferer(Inferer):
     ``click_groups`` (the window of each foreground click) segments clicks too far apart for one window: each window
     gets its group's foreground clicks and every background click inside it, the windows run one after the other
     (batch 1), and the logits are merged by maximum into an input-sized map (``OUTSIDE_LOGIT`` where no window
-    reaches). With ``max_grow_windows`` a lesion that leaves its window is followed: wherever the mask so far
-    (logits > ``grow_threshold``) touches a window face that is not the input's edge, a window shifted by half a window
-    across that face is added (the face most mask voxels cross first) and decoded from one positive click at the
-    deepest voxel of the mask so far inside it, without a mask prompt (given the mask as its prompt, the demo model
-    reproduced it instead of extending it), until no face is touched or ``max_grow_windows`` windows were added
-    (``last_grown_windows``).
+    reaches). With ``max_grow_windows`` a lesion that leaves its window is followed (``WindowGrowth``): the
+    lesion's extent is estimated as the mask so far (logits > ``grow_threshold``) plus the voxels connected to the
+    clicked windows' mask within ``grow_band`` robust standard deviations of its median intensity (0: the mask alone,
+    the former trigger), so a precise piece that stays inside its window still grows. Wherever that estimate crosses a
+    window face that is not the input's edge, a window shifted by half a window across that face is added (the face
+    the most estimate voxels cross first) and decoded from one positive click at the deepest voxel of the estimate not
+    yet segmented inside it (of the mask there, when nothing is left), without a mask prompt (given the mask as its
+    prompt, the demo model reproduced it instead of extending it), until no face is crossed or ``max_grow_windows``
+    windows were added (``last_grown_windows``).
     """
 
     def __init__(
@@ -167,11 +170,15 @@ class ClickInferer(Inferer):
         initial_mask_scale: float = 4.0,
         max_grow_windows: int = 0,
         grow_threshold: float = 0.5,
+        grow_band: float = 2.0,
     ) -> None:
         super().__init__()
         if isinstance(max_grow_windows, bool) or not isinstance(max_grow_windows, int) or max_grow_windows < 0:
             raise ValueError(f"max_grow_windows must be a non-negative integer, got {max_grow_windows!r}")
         self.max_grow_windows, self.grow_threshold = max_grow_windows, float(grow_threshold)
+        if not grow_band >= 0:
+            raise ValueError(f"grow_band must be >= 0 (robust standard deviations), got {grow_band!r}")
+        self.grow_band = float(grow_band)
         self.last_grown_windows = 0
         if not initial_mask_scale > 0:
             raise ValueError(f"initial_mask_scale must be > 0, got {initial_mask_scale!r}")
@@ -325,38 +332,25 @@ class ClickInferer(Inferer):
     def _grow(
         self, inputs: torch.Tensor, network: MSAM, merged: torch.Tensor, starts: list[tuple[int, ...]], bg: torch.Tensor
     ) -> int:
-        """Add windows along the mask where it leaves its windows (see the class doc); returns the decode steps.
-
-        The face the most mask voxels cross is followed first (over every window so far), so a lesion's long axis gets
-        the window budget before the edges of a wide false-positive region do.
-        """
+        """Decode the windows :class:`WindowGrowth` proposes along the clicked lesion; returns the decode steps."""
         self.last_grown_windows = 0
-        size, extent = network.image_size, [int(n) for n in inputs.shape[2:]]
-        seen, steps = set(starts), 0
+        if not self.max_grow_windows:
+            return 0
+        size, steps = network.image_size, 0
+        growth = WindowGrowth(inputs[0, 0], merged[0, 0] > self.grow_threshold, starts, size, self.grow_band)
         while self.last_grown_windows < self.max_grow_windows:
-            crossing, new = 0, None
-            for start in seen:
-                inside = merged[(..., *(slice(a, a + size) for a in start))][0, 0] > self.grow_threshold
-                for axis in range(3):
-                    for side in (-1, 1):
-                        shifted = list(start)
-                        shifted[axis] = min(max(start[axis] + side * (size // 2), 0), extent[axis] - size)
-                        count = int(inside.select(axis, 0 if side < 0 else size - 1).sum())
-                        if tuple(shifted) not in seen and count > crossing:
-                            crossing, new = count, tuple(shifted)
-            if new is None:
+            proposal = growth.next_window(merged[0, 0] > self.grow_threshold)
+            if proposal is None:
                 break
+            new, seed = proposal
             region = (..., *(slice(a, a + size) for a in new))
-            seed = merged[region] > self.grow_threshold
             origin = torch.tensor(new, device=inputs.device)
-            deepest = deepest_voxel(seed[0, 0].detach().cpu().numpy())  # as the "center" click rule
-            click = torch.tensor(deepest, device=inputs.device).view(1, 1, 3)
+            click = torch.tensor(seed, device=inputs.device).view(1, 1, 3)
             in_window = ((bg >= origin) & (bg < origin + size)).all(dim=1)
             # the click alone, no mask prompt: given the mask so far, a model reproduces it and does not extend it
             logits = self(inputs[region], network, click, (bg[in_window] - origin)[None])
             merged[region] = torch.maximum(merged[region], logits)
             steps += self.last_decode_steps
-            seen.add(new)
             self.last_grown_windows += 1
         return steps
 
