@@ -169,3 +169,28 @@ def small_bundle_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("small_bundle_ckpt") / "model.pt"
     torch.save(parser.get_parsed_content("network_def").state_dict(), path)
     return path
+
+
+def click_engine_parts(
+    training: bool,
+    loss: object = None,
+    lambda_click: float = 0.0,
+    loss_click_weighting: str = "uniform",
+    initial_mask_key: str | None = None,
+    keep_click_logits: bool = False,
+    **loop: object,
+) -> dict:
+    """The keyword arguments that make a MONAI trainer (``training``) or evaluator run the click loop, as the bundles'
+    configs wire them: ``inferer`` (``ClickLoopInferer(**loop)``), ``prepare_batch``, ``iteration_update`` and, for a
+    trainer, ``loss_function`` (``PerClickLoss`` over ``loss``)."""
+    from msam_components.engines import ClickLoopInferer, IterativeClickRefinement, PerClickLoss, click_batch
+
+    parts = dict(
+        inferer=ClickLoopInferer(**loop),
+        prepare_batch=click_batch(),
+        iteration_update=IterativeClickRefinement(initial_mask_key, keep_click_logits),
+    )
+    if training:
+        threshold = dict((k, loop[k]) for k in ("threshold", "threshold_on") if k in loop)
+        parts["loss_function"] = PerClickLoss(loss, loss_click_weighting, lambda_click, **threshold)
+    return parts

@@ -8,12 +8,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import exception_messages, make_blob_cases, small_msam_kwargs, write_nifti
+from conftest import click_engine_parts, exception_messages, make_blob_cases, small_msam_kwargs, write_nifti
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
-from msam_components.engines import ClickMetricsHandler, IterativeClickRefinement, msam_loss, msam_optimizer
+from msam_components.engines import ClickMetricsHandler, msam_optimizer
 from msam_components.networks import CheckpointError, build_msam
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_config_value_of_wrong_type(tmp_path: Path) -> None:
         parser = ConfigParser()
         parser.read_config([str(KITS / "train.yaml"), str(SMALL)])
         parser.update({"num_clicks": "ten"})
-        parser.get_parsed_content("validate#click_loop")
+        parser.get_parsed_content("validate#inferer")
     assert "num_clicks must be int, got 'ten'" in _messages(err.value)
     with pytest.raises(TypeError, match="lora_rank must be int, got '16'"):
         build_msam(**small_msam_kwargs(lora_rank="16"))
@@ -180,15 +180,15 @@ def test_training_skips_cases_without_lesion_and_counts_them(caplog: pytest.LogC
     for case in cases[:2]:
         case["label"] = case["label"] * 0
     net = build_msam(**small_msam_kwargs())
-    loop = IterativeClickRefinement(num_clicks=2, seed=0)
+    parts = click_engine_parts(True, num_clicks=2, seed=0)
+    loop = parts["iteration_update"]
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=2,
         train_data_loader=DataLoader(cases, batch_size=2, shuffle=False),
         network=net,
         optimizer=msam_optimizer(net),
-        loss_function=msam_loss(),
-        iteration_update=loop,
+        **parts,
     )
     with caplog.at_level("WARNING", logger="msam_components"):
         trainer.run()
@@ -205,7 +205,7 @@ def test_evaluation_reports_cases_without_lesion(tmp_path: Path) -> None:
         device=torch.device("cpu"),
         val_data_loader=DataLoader(cases, batch_size=1),
         network=build_msam(**small_msam_kwargs()),
-        iteration_update=IterativeClickRefinement(num_clicks=2, seed=0),
+        **click_engine_parts(False, num_clicks=2, seed=0),
     )
     ClickMetricsHandler(output_dir=tmp_path).attach(evaluator)
     evaluator.run()

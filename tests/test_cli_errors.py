@@ -320,8 +320,8 @@ def test_every_boolean_option_refuses_the_same_way(name: str, tmp_path: Path) ->
         return
     target = {
         "amp": "train#trainer#amp",
-        "pass_all_clicks": "train#click_loop",
-        "detach_feedback": "validate#click_loop",
+        "pass_all_clicks": "train#inferer",
+        "detach_feedback": "validate#inferer",
         "use_mea": "network_def",
     }[name]
     with pytest.raises(Exception) as err:
@@ -336,7 +336,7 @@ def test_amp_false_on_the_command_line_turns_amp_off() -> None:
         assert parser.get_parsed_content("train#trainer#amp") is expected
         assert parser.get_parsed_content("validate#evaluator#amp") is expected
         assert _parser("inference.yaml", amp=value).get_parsed_content("evaluator#amp") is expected
-    click_loop = _parser("train.yaml", pass_all_clicks="true").get_parsed_content("train#click_loop")
+    click_loop = _parser("train.yaml", pass_all_clicks="true").get_parsed_content("train#inferer")
     assert click_loop.pass_all_clicks is True
 
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import small_msam_kwargs
+from conftest import click_engine_parts, small_msam_kwargs
 from ignite.engine import Events
 from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.transforms import ScaleIntensityRanged
 
 from msam_components.data.synthetic import kits19_like_arrays
-from msam_components.engines import IterativeClickRefinement, msam_loss, msam_optimizer, negative_click_effects
+from msam_components.engines import msam_loss, msam_optimizer, negative_click_effects
 from msam_components.networks import build_msam
 from msam_components.transforms import NormalizeIntensityAboved
 
@@ -58,8 +58,7 @@ def negative_click_effects_after_training(seed: int) -> tuple[float, float, int]
         train_data_loader=DataLoader([_case(0, i) for i in range(8)], batch_size=2, shuffle=True),
         network=net,
         optimizer=msam_optimizer(net, lr=1e-3, weight_decay=0.0, prompt_decoder_lr_scale=1.0),
-        loss_function=msam_loss(1.0, 0.5),
-        iteration_update=IterativeClickRefinement(num_clicks=3, strategy=strategy, **recipe),
+        **click_engine_parts(True, loss=msam_loss(1.0, 0.5), num_clicks=3, strategy=strategy, **recipe),
     )
     trainer.run()
 
@@ -68,9 +67,7 @@ def negative_click_effects_after_training(seed: int) -> tuple[float, float, int]
         device=CPU,
         val_data_loader=DataLoader(held_out, batch_size=1),
         network=net,
-        iteration_update=IterativeClickRefinement(
-            num_clicks=3, strategy="center", pass_all_clicks=True, keep_click_logits=True
-        ),
+        **click_engine_parts(False, num_clicks=3, strategy="center", pass_all_clicks=True, keep_click_logits=True),
     )
     effects: list[tuple[int, int, float, float]] = []
 

@@ -11,7 +11,7 @@ import torch
 from conftest import small_msam_kwargs
 from scipy import ndimage
 
-from msam_components.engines import ClickInferer, EmbeddingCache, IterativeClickRefinement
+from msam_components.engines import ClickInferer, ClickLoopInferer, ClickLoopOutput, EmbeddingCache, PerClickLoss
 from msam_components.networks import build_msam
 from msam_components.transforms.click_sampling import sample_click
 from msam_components.transforms.click_simulator import ClickSimulator, check_strategy, click_compliance
@@ -177,11 +177,11 @@ def test_cumulative_inference_gives_every_click_so_far() -> None:
 
 def test_point_loss_and_click_weighting_change_the_loss() -> None:
     with pytest.raises(ValueError, match="loss_click_weighting"):
-        IterativeClickRefinement(loss_click_weighting="late")
+        PerClickLoss(weighting="late")
     with pytest.raises(ValueError, match="lambda_click"):
-        IterativeClickRefinement(lambda_click=-1.0)
+        PerClickLoss(lambda_click=-1.0)
     with pytest.raises(ValueError, match="initial_mask_prob"):
-        IterativeClickRefinement(initial_mask_prob=1.5)
+        ClickLoopInferer(initial_mask_prob=1.5)
 
     def loss_function(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (torch.sigmoid(logits) - target).abs().mean()
@@ -191,9 +191,10 @@ def test_point_loss_and_click_weighting_change_the_loss() -> None:
     logits = torch.full((1, 2, 24, 24, 24), -3.0, requires_grad=True)
     sim(0, None)
     sim(1, logits[:, :1].detach())
-    plain = IterativeClickRefinement()._loss(loss_function, logits, sim)
-    with_points = IterativeClickRefinement(lambda_click=1.0)._loss(loss_function, logits, sim)
-    linear = IterativeClickRefinement(loss_click_weighting="linear")._loss(loss_function, logits, sim)
+    output = ClickLoopOutput(logits, sim)
+    plain = PerClickLoss(loss_function)(output, label)
+    with_points = PerClickLoss(loss_function, lambda_click=1.0)(output, label)
+    linear = PerClickLoss(loss_function, weighting="linear")(output, label)
     per_click = [loss_function(logits[:, k : k + 1], label) for k in range(2)]
     assert torch.allclose(plain, per_click[0] + per_click[1])
     assert torch.allclose(linear, 2 / 3 * per_click[0] + 4 / 3 * per_click[1])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_blob_cases, msam_kwargs_from_reference_config, small_msam_kwargs
+from conftest import click_engine_parts, make_blob_cases, msam_kwargs_from_reference_config, small_msam_kwargs
 from ignite.engine import Events
 from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -19,7 +19,6 @@ from msam_components.engines import (
     ClickInferer,
     ClickMetricsHandler,
     EmbeddingCache,
-    IterativeClickRefinement,
     msam_loss,
     msam_lr_milestones,
     msam_lr_scheduler,
@@ -32,9 +31,10 @@ pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns 
 CPU = torch.device("cpu")
 
 
-def _evaluator(net: MSAM, cases: list[dict], update: IterativeClickRefinement, **kwargs) -> SupervisedEvaluator:
+def _evaluator(net: MSAM, cases: list[dict], parts: dict, **kwargs) -> SupervisedEvaluator:
+    """An evaluator running the click loop (``parts``: ``click_engine_parts(False, ...)``)."""
     loader = DataLoader(cases, batch_size=kwargs.pop("batch_size", 2), shuffle=False)
-    return SupervisedEvaluator(device=CPU, val_data_loader=loader, network=net, iteration_update=update, **kwargs)
+    return SupervisedEvaluator(device=CPU, val_data_loader=loader, network=net, **parts, **kwargs)
 
 
 def _outputs(engine) -> list[dict]:
@@ -59,7 +59,7 @@ def test_engine_chain_reproduces_reference_logits(tiny_fixture: dict, monkeypatc
     monkeypatch.setattr(click_simulator, "sample_clicks_batch", fixed_clicks)
     image = fx["image_int8"].float() * fx["image_scale"]
     case = {"image": MetaTensor(image[0]), "label": MetaTensor((image[0] > 2).float())}
-    evaluator = _evaluator(net, [case], IterativeClickRefinement(num_clicks=3, keep_click_logits=True), batch_size=1)
+    evaluator = _evaluator(net, [case], click_engine_parts(False, num_clicks=3, keep_click_logits=True), batch_size=1)
     outputs = _outputs(evaluator)
     evaluator.run()
     logits = outputs[0]["click_logits"]
@@ -82,8 +82,7 @@ def test_trainer_loss_decreases_on_blobs() -> None:
         train_data_loader=loader,
         network=net,
         optimizer=msam_optimizer(net, lr=2e-3),
-        loss_function=msam_loss(),
-        iteration_update=IterativeClickRefinement(num_clicks=3, seed=1),
+        **click_engine_parts(True, loss=msam_loss(), num_clicks=3, seed=1),
     )
     losses: list[float] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
@@ -96,7 +95,7 @@ def test_trainer_loss_decreases_on_blobs() -> None:
 def test_evaluator_writes_per_click_reports(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = build_msam(**small_msam_kwargs())
-    evaluator = _evaluator(net, make_blob_cases(3, seed=5), IterativeClickRefinement(num_clicks=4, seed=3))
+    evaluator = _evaluator(net, make_blob_cases(3, seed=5), click_engine_parts(False, num_clicks=4, seed=3))
     ClickMetricsHandler(output_dir=tmp_path).attach(evaluator)
     evaluator.run()
     rows = list(csv.DictReader((tmp_path / "click_metrics.csv").open()))
@@ -118,7 +117,7 @@ def test_seeded_evaluation_is_reproducible_and_reseeds_each_epoch() -> None:
     cases = make_blob_cases(2, seed=7)
 
     def clicks_of_run(epochs: int) -> list[torch.Tensor]:
-        evaluator = _evaluator(net, cases, IterativeClickRefinement(num_clicks=3, seed=11), batch_size=2)
+        evaluator = _evaluator(net, cases, click_engine_parts(False, num_clicks=3, seed=11), batch_size=2)
         evaluator.state.max_epochs = epochs
         outputs = _outputs(evaluator)
         evaluator.run()

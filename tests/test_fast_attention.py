@@ -132,7 +132,9 @@ def test_fast_path_under_bf16_autocast() -> None:
 def test_attention_impl_is_validated_and_adds_no_parameters() -> None:
     with pytest.raises(ValueError, match="attention_impl"):
         build_msam(image_size=32, patch_size=8, encoder_embed_dim=16, encoder_depth=1, attention_impl="flash")
-    encoder = ImageEncoderViT3D(image_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, global_attn_indexes=(0,))
+    encoder = ImageEncoderViT3D(
+        image_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, global_attn_indexes=(0,)
+    )
     with pytest.raises(ValueError, match="attention_impl"):
         set_attention_impl(encoder, "Fast")
     kwargs = dict(image_size=32, patch_size=4, encoder_embed_dim=24, encoder_depth=2, encoder_num_heads=2)

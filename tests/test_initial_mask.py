@@ -214,9 +214,9 @@ def test_damage_mask_makes_the_fault_it_names(damage: str) -> None:
 def test_evaluation_from_a_dilated_mask_starts_with_a_negative_click(tiny: MSAM) -> None:
     """With initial_mask_key the loop starts from the given mask: a dilated ground truth has only false positives, so the
     first simulated click is negative, where from nothing it is positive."""
+    from conftest import click_engine_parts
     from monai.engines import SupervisedEvaluator
 
-    from msam_components.engines import IterativeClickRefinement
     from msam_components.transforms import damage_mask
 
     label = torch.as_tensor(_two_lesions()[None, None], dtype=torch.float32)
@@ -224,8 +224,8 @@ def test_evaluation_from_a_dilated_mask_starts_with_a_negative_click(tiny: MSAM)
     batch = [{"image": torch.randn(1, 1, 32, 32, 32), "label": label, "initial_mask": start}]
     first_labels = {}
     for key in (None, "initial_mask"):
-        loop = IterativeClickRefinement(num_clicks=2, strategy="center", initial_mask_key=key)
-        evaluator = SupervisedEvaluator(torch.device("cpu"), batch, tiny, iteration_update=loop, decollate=False)
+        loop = click_engine_parts(False, num_clicks=2, strategy="center", initial_mask_key=key)
+        evaluator = SupervisedEvaluator(torch.device("cpu"), batch, tiny, decollate=False, **loop)
         evaluator.run()
         first_labels[key] = int(evaluator.state.output["click_labels"][0, 0])
     assert first_labels == {None: 1, "initial_mask": 0}

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_blob_cases, small_msam_kwargs
+from conftest import click_engine_parts, make_blob_cases, small_msam_kwargs
 from ignite.engine import Events
 from monai.data import DataLoader
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
-from msam_components.engines import IterativeClickRefinement, msam_loss, msam_optimizer
+from msam_components.engines import msam_loss, msam_optimizer
 from msam_components.networks import MSAM, build_msam
 
 pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
@@ -28,7 +28,7 @@ def _evaluate(net: MSAM, cases: list[dict], amp: bool) -> tuple[float, set[torch
         device=CPU,
         val_data_loader=DataLoader(cases, batch_size=2),
         network=net,
-        iteration_update=IterativeClickRefinement(num_clicks=3, seed=5),
+        **click_engine_parts(False, num_clicks=3, seed=5),
         amp=amp,
         amp_kwargs={"dtype": torch.bfloat16},
     )
@@ -50,8 +50,7 @@ def test_bf16_autocast_keeps_the_dice_of_a_trained_model() -> None:
         train_data_loader=DataLoader(make_blob_cases(8, seed=0), batch_size=2, shuffle=True),
         network=net,
         optimizer=msam_optimizer(net, lr=2e-3, weight_decay=0.0, prompt_decoder_lr_scale=1.0),
-        loss_function=msam_loss(lambda_dice=1.0, lambda_ce=0.0),
-        iteration_update=IterativeClickRefinement(num_clicks=3, seed=1),
+        **click_engine_parts(True, loss=msam_loss(lambda_dice=1.0, lambda_ce=0.0), num_clicks=3, seed=1),
     )
     trainer.run()
     val = make_blob_cases(4, seed=42)

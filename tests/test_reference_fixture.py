@@ -67,7 +67,11 @@ def test_msam_path_matches_reference(tiny_fixture: dict, dtype: torch.dtype, imp
         embedding = model.encode(_image(fx, dtype))
         _close(embedding, ref["image_embedding"], dtype)
         _close(model.prompt_encoder.get_dense_pe(), ref["dense_pe"], dtype)
-        _close(model.mea(fx["mea_in_image"].to(dtype), model.mea.mask_input(fx["mea_in_mask"].to(dtype))), ref["mea_out_random"], dtype)
+        _close(
+            model.mea(fx["mea_in_image"].to(dtype), model.mea.mask_input(fx["mea_in_mask"].to(dtype))),
+            ref["mea_out_random"],
+            dtype,
+        )
         low = torch.zeros(1, 1, 32, 32, 32, dtype=dtype)
         sparse_names = ["sparse_emb", "sparse_emb_iter1", "sparse_emb_iter2"]
         iou_names = ["iou_pred", "iou_pred_iter1", "iou_pred_iter2"]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from types import MappingProxyType
 from typing import Any
 
-from ..checks import check_type
+from ..checks import as_bool, check_type
 from .compute_paths import compute_path, set_attention_impl
 from .image_encoder import ImageEncoderViT3D
 from .lora import LoRAQKV
@@ -82,13 +82,16 @@ PRESETS = MappingProxyType(
 
 def build_msam(preset: str = "paper", **overrides: Any) -> MSAM:
     """An :class:`MSAM` of a named size preset (``PRESETS``), with keyword overrides of any :func:`msam_of_sizes`
-    argument; an unknown preset or argument is refused by name."""
+    argument; an unknown preset or argument is refused by name. ``use_mea`` may be given as a config or command line
+    spells it (``--use_mea false``)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown M-SAM preset {preset!r}; choose from {sorted(PRESETS)}")
     known = inspect.signature(msam_of_sizes).parameters
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise TypeError(f"build_msam got unknown argument(s) {unknown}; the sizes are {list(known)}")
+    if "use_mea" in overrides:
+        overrides["use_mea"] = as_bool(overrides["use_mea"], "use_mea")
     return msam_of_sizes(**{**PRESETS[preset], **overrides})
 
 
