@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .export_parts import DecodeStepForExport, EncoderForExport, example_clicks, example_prompt, state_names
+from .networks.click_loop import ClickLoop, GivenClicks
 from .networks.msam import MSAM
 
 ENCODER_FILE = "encoder.ts"
@@ -152,12 +153,17 @@ def check_export(
             for name, actual in zip(state_names(model), exported_state, strict=True):
                 diffs[name], ok = _compare(name, actual, state.tensors()[name], atol, rtol)
                 failed += [] if ok else [name]
-            low = example_image.new_zeros(example_image.shape[0], 1, *model.low_res_size)
-            exported_low = low
-            for i in range(points.shape[1]):
-                click, label = points[:, i : i + 1], labels[:, i : i + 1]
-                low = model.decode(state, click, label, low)
-                exported_low = decoder(*exported_state, click, label, exported_low)
+            # the click loop twice, side by side: the model's decode, and the exported step fed its own logits back
+            start = example_image.new_zeros(example_image.shape[0], 1, *model.low_res_size)
+            ours, theirs = ClickLoop(), ClickLoop()
+            ours.run(model, state, GivenClicks(points, labels), points.shape[1], start, full_each_step=False)
+
+            def exported_decode(_: object, click: torch.Tensor, label: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+                return decoder(*exported_state, click, label, low)
+
+            clicks = GivenClicks(points, labels)
+            theirs.run(model, state, clicks, points.shape[1], start, decode=exported_decode, full_each_step=False)
+            for i, (exported_low, low) in enumerate(zip(theirs.low_res, ours.low_res, strict=True)):
                 name = f"click_{i + 1}_logits"
                 diffs[name], ok = _compare(name, exported_low, low, atol, rtol)
                 failed += [] if ok else [name]

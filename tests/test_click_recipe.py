@@ -11,10 +11,10 @@ import torch
 from conftest import small_msam_kwargs
 from scipy import ndimage
 
+from msam_components.clicks.sampling import sample_click
+from msam_components.clicks.simulator import ClickSimulator, check_strategy, click_compliance
 from msam_components.engines import ClickInferer, ClickLoopInferer, ClickLoopOutput, EmbeddingCache, PerClickLoss
 from msam_components.networks import build_msam
-from msam_components.transforms.click_sampling import sample_click
-from msam_components.transforms.click_simulator import ClickSimulator, check_strategy, click_compliance
 
 pytestmark = pytest.mark.numerics  # compares floating-point results: CI reruns it with ATEN_CPU_CAPABILITY=default
 

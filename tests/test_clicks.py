@@ -1,4 +1,4 @@
-"""Tests for the click simulation: functional API (click_sampling) and the SimulateClickd dictionary transform."""
+"""Tests for the click simulation: functional API (msam_components.clicks.sampling) and the SimulateClickd dictionary transform."""
 
 from __future__ import annotations
 

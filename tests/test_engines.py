@@ -13,7 +13,7 @@ from ignite.engine import Events
 from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
-import msam_components.transforms.click_simulator as click_simulator
+import msam_components.clicks.simulator as click_simulator
 from msam_components.engines import (
     ClickHistory,
     ClickInferer,

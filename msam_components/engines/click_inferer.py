@@ -12,6 +12,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
+from ..networks.click_loop import ClickLoop, GivenClicks
 from ..networks.click_prompt import mask_prompt
 from ..networks.image_state import ImageState
 from ..networks.msam import MSAM
@@ -227,20 +228,34 @@ class ClickInferer(Inferer):
         *args: object,
         **kwargs: object,
     ) -> torch.Tensor:
+        """Full-resolution logits of ``inputs`` for the clicks (see the class doc); records ``last_decode_steps``."""
         network = getattr(network, "module", network)
-        if isinstance(inputs, MetaTensor):  # run on plain tensors; the logits get the input's meta back for Invertd
-            mask = initial_mask.as_tensor() if isinstance(initial_mask, MetaTensor) else initial_mask
-            logits = self(
-                inputs.as_tensor(), network, foreground, background, cache_key, mask, click_windows, click_groups
-            )
-            return MetaTensor(logits, meta=inputs.meta, applied_operations=inputs.applied_operations)
+        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs  # the loop runs on plain tensors
+        mask = initial_mask.as_tensor() if isinstance(initial_mask, MetaTensor) else initial_mask
         window = (network.image_size,) * 3
         if click_windows is not None and (
-            len(torch.as_tensor(click_windows).reshape(-1, 3)) > 1 or tuple(inputs.shape[2:]) != window
+            len(torch.as_tensor(click_windows).reshape(-1, 3)) > 1 or tuple(plain.shape[2:]) != window
         ):
-            return self._several_windows(
-                inputs, network, foreground, background, initial_mask, click_windows, click_groups
+            logits, steps = self._several_windows(
+                plain, network, foreground, background, mask, click_windows, click_groups
             )
+        else:
+            logits, steps = self._one_window(plain, network, foreground, background, cache_key, mask)
+        self.last_decode_steps = steps
+        if isinstance(inputs, MetaTensor):  # the logits get the input's meta back for Invertd
+            return MetaTensor(logits, meta=inputs.meta, applied_operations=inputs.applied_operations)
+        return logits
+
+    def _one_window(
+        self,
+        inputs: torch.Tensor,
+        network: MSAM,
+        foreground: ClickList,
+        background: ClickList,
+        cache_key: str | None,
+        initial_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, int]:
+        """The logits of one model window for its clicks, and how many decodes they took (resumed clicks: none)."""
         batch, device = inputs.shape[0], inputs.device
         fg = _as_points(foreground, batch, device, "foreground")
         bg = _as_points(background, batch, device, "background")
@@ -258,15 +273,15 @@ class ClickInferer(Inferer):
         )
         key = cache_key or EmbeddingCache.key_for(inputs)
         state = self.embedding_state(inputs, network, key)
-        self.last_decode_steps = 1
         start = self._start_prompt(inputs, network, initial_mask)
         if points.shape[1] == 0:
-            return network.upsample(network.decode(state, None, None, start))
+            return network.upsample(network.decode(state, None, None, start)), 1
         low_res = start if start is not None else inputs.new_zeros(batch, 1, *network.low_res_size)
         runner = self.graph_runner(network, inputs)
         decode = network.decode if runner is None else runner.decode
-        if self.mode == "together":
-            return network.upsample(decode(state, points, labels, low_res))
+        if self.mode == "together":  # one step given every click
+            clicks = GivenClicks(points, labels, per_step=points.shape[1])
+            return ClickLoop().run(network, state, clicks, 1, low_res, decode=decode, full_each_step=False)[0], 1
         reuse = self.reuse_clicks and not torch.is_grad_enabled()
         start_id = None if start is None else EmbeddingCache.key_for(start)  # the clicks' logits depend on it
         history = self.cache.history(key) if reuse else None
@@ -276,14 +291,18 @@ class ClickInferer(Inferer):
         steps = history.low_res[:done] if history is not None else []
         if done:
             low_res = steps[-1]
-        for i in range(done, points.shape[1]):
-            first = 0 if self.mode == "cumulative" else i
-            low_res = decode(state, points[:, first : i + 1], labels[:, first : i + 1], low_res)
-            steps.append(low_res)
-        self.last_decode_steps = points.shape[1] - done
+        # resumed after the clicks already decoded: the loop holds them, so cumulative decodes still get every click
+        loop = ClickLoop(self.mode == "cumulative", points=points[:, :done], labels=labels[:, :done])
+        if done < points.shape[1]:
+            clicks = GivenClicks(points[:, done:], labels[:, done:])
+            num = points.shape[1] - done
+            (logits,) = loop.run(network, state, clicks, num, low_res, decode=decode, full_each_step=False)
+            steps = steps + loop.low_res
+        else:
+            logits = network.upsample(low_res)
         if reuse:
             self.cache.put_history(key, ClickHistory(points, labels, steps, start_id))
-        return network.upsample(low_res)
+        return logits, points.shape[1] - done
 
     def _several_windows(
         self,
@@ -294,8 +313,9 @@ class ClickInferer(Inferer):
         initial_mask: torch.Tensor | None,
         click_windows: torch.Tensor,
         click_groups: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """One model window per group of clicks, merged by maximum into logits of the input's size (batch 1)."""
+    ) -> tuple[torch.Tensor, int]:
+        """One model window per group of clicks, merged by maximum into logits of the input's size (batch 1), and the
+        decodes it took."""
         if inputs.shape[0] != 1:
             raise ValueError(f"several click windows need a batch of 1, got {inputs.shape[0]}")
         device, size = inputs.device, network.image_size
@@ -320,14 +340,13 @@ class ClickInferer(Inferer):
             region = (..., *(slice(int(a), int(a) + size) for a in start))
             inside = ((bg >= start) & (bg < start + size)).all(dim=1)
             mask = None if initial_mask is None else torch.as_tensor(initial_mask, device=device)[region]
-            logits = self(
+            logits, used = self._one_window(
                 inputs[region], network, (fg[groups == g] - start)[None], (bg[inside] - start)[None], None, mask
             )
-            steps += self.last_decode_steps
+            steps += used
             merged[region] = torch.maximum(merged[region], logits)
         steps += self._grow(inputs, network, merged, [tuple(int(a) for a in s) for s in starts], bg)
-        self.last_decode_steps = steps
-        return merged
+        return merged, steps
 
     def _grow(
         self, inputs: torch.Tensor, network: MSAM, merged: torch.Tensor, starts: list[tuple[int, ...]], bg: torch.Tensor
@@ -348,9 +367,9 @@ class ClickInferer(Inferer):
             click = torch.tensor(seed, device=inputs.device).view(1, 1, 3)
             in_window = ((bg >= origin) & (bg < origin + size)).all(dim=1)
             # the click alone, no mask prompt: given the mask so far, a model reproduces it and does not extend it
-            logits = self(inputs[region], network, click, (bg[in_window] - origin)[None])
+            logits, used = self._one_window(inputs[region], network, click, (bg[in_window] - origin)[None], None, None)
             merged[region] = torch.maximum(merged[region], logits)
-            steps += self.last_decode_steps
+            steps += used
             self.last_grown_windows += 1
         return steps
 

@@ -17,8 +17,8 @@ from monai.inferers import Inferer
 from monai.transforms import Randomizable
 
 from ..checks import as_bool, check_type
+from ..clicks.simulator import TARGETS, ClickSimulator, check_strategy
 from ..networks.click_prompt import mask_prompt
-from ..transforms.click_simulator import TARGETS, ClickSimulator, check_strategy
 
 __all__ = ["ClickLoopInferer", "ClickLoopOutput", "binarise"]
 
@@ -145,7 +145,6 @@ class ClickLoopInferer(Inferer, Randomizable):
             self.first_strategy,
             self.threshold,
             self.threshold_on,
-            self.pass_all_clicks,
             target=self.target if training else "all",
             initial_mask_prob=self.initial_mask_prob if training else 0.0,
             feedback_dropout=self.feedback_dropout if training else 0.0,
@@ -164,5 +163,6 @@ class ClickLoopInferer(Inferer, Randomizable):
             num_clicks=self.num_clicks,
             detach_feedback=self.detach_feedback,
             feedback_fn=feedback,
+            pass_all_clicks=self.pass_all_clicks,
         )
         return ClickLoopOutput(logits, simulator)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 from ..checks import check_type
-from ..transforms.click_simulator import gather_at_points
+from ..clicks.simulator import gather_at_points
 from .click_loop_inferer import ClickLoopOutput
 
 __all__ = ["LOSS_WEIGHTINGS", "PerClickLoss", "msam_loss"]

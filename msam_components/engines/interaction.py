@@ -22,7 +22,7 @@ from monai.engines.utils import IterationEvents
 from monai.metrics import compute_dice, compute_iou
 from monai.utils import CommonKeys as Keys
 
-from ..transforms.click_simulator import ClickSimulator, click_compliance
+from ..clicks.simulator import ClickSimulator, click_compliance
 from .click_loop_inferer import ClickLoopInferer, ClickLoopOutput, binarise
 from .click_loss import PerClickLoss, msam_loss
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..transforms.click_sampling import deepest_voxel
+from ..clicks.sampling import deepest_voxel
 
 Start = tuple[int, int, int]
 MAD_TO_STD = 1.4826  # the median absolute deviation of a normal distribution times this is its standard deviation

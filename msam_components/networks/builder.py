@@ -78,8 +78,6 @@ PRESETS = MappingProxyType(
 )
 
 
-
-
 def build_msam(preset: str = "paper", **overrides: Any) -> MSAM:
     """An :class:`MSAM` of a named size preset (``PRESETS``), with keyword overrides of any :func:`msam_of_sizes`
     argument; an unknown preset or argument is refused by name. ``use_mea`` may be given as a config or command line
@@ -90,7 +88,7 @@ def build_msam(preset: str = "paper", **overrides: Any) -> MSAM:
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise TypeError(f"build_msam got unknown argument(s) {unknown}; the sizes are {list(known)}")
-    if "use_mea" in overrides:
+    if isinstance(overrides.get("use_mea"), str):  # "--use_mea false"; other non-bools are refused by type
         overrides["use_mea"] = as_bool(overrides["use_mea"], "use_mea")
     return msam_of_sizes(**{**PRESETS[preset], **overrides})
 
@@ -178,7 +176,12 @@ def msam_of_sizes(
     )
     mea = (
         MaskEnhancedAdapter(
-            prompt_embed_dim, mea_num_heads, mea_mlp_ratio, embedding_size, mea_num_blocks, rel_pos_layout=rel_pos_layout
+            prompt_embed_dim,
+            mea_num_heads,
+            mea_mlp_ratio,
+            embedding_size,
+            mea_num_blocks,
+            rel_pos_layout=rel_pos_layout,
         )
         if use_mea
         else None

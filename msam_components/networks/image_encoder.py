@@ -32,9 +32,7 @@ class EncoderBlock(nn.Module):
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         attn_size = grid_size if window_size == 0 else (window_size,) * 3
-        self.attn = RelPosSelfAttention(
-            dim, num_heads, attn_size, qkv_bias=qkv_bias, rel_pos_layout=rel_pos_layout
-        )
+        self.attn = RelPosSelfAttention(dim, num_heads, attn_size, qkv_bias=qkv_bias, rel_pos_layout=rel_pos_layout)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio), act=nn.GELU)
 

@@ -41,9 +41,7 @@ class MEAAttentionBlock(RelPosSelfAttention):
         norm_eps: float,
         rel_pos_layout: str = "sam-med3d",
     ) -> None:
-        super().__init__(
-            dim, num_heads, input_size, qkv_bias=True, rel_pos_layout=rel_pos_layout
-        )
+        super().__init__(dim, num_heads, input_size, qkv_bias=True, rel_pos_layout=rel_pos_layout)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLPBlock(dim, mlp_dim, act=nn.GELU)
@@ -139,9 +137,7 @@ class MaskEnhancedAdapter(nn.Module):
             MutualFeatureEnhancementBlock(channels, num_heads, mlp_dim, size, eps, rel_pos_layout)
             for _ in range(num_blocks)
         )
-        self.multi_head_self_attention = MEAAttentionBlock(
-            channels, num_heads, mlp_dim, size, eps, rel_pos_layout
-        )
+        self.multi_head_self_attention = MEAAttentionBlock(channels, num_heads, mlp_dim, size, eps, rel_pos_layout)
         self.add_norm = LayerNorm3d(channels, eps)
         self.add_norm2 = LayerNorm3d(channels, eps)
         self.add_norm3 = LayerNorm3d(channels, eps)

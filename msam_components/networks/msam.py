@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from ..checks import check_type
+from .click_loop import ClickFn, ClickLoop, FeedbackFn
 from .click_prompt import stamp_clicks
 from .compute_paths import UsesComputePath
 from .image_encoder import ImageEncoderViT3D
@@ -18,12 +17,6 @@ from .mea import MaskEnhancedAdapter
 from .prompt_encoder import PromptEncoder3D
 
 ENCODER_TRAINABLE_MODES = ("lora", "frozen", "full")
-
-
-# click_fn(iteration, previous full-resolution logits or None) -> (points [B, N, 3], point_labels [B, N])
-ClickFn = Callable[[int, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
-# feedback_fn(iteration, low-res mask prompt [B, 1, d, h, w]) -> the mask prompt to use (the same object if unchanged)
-FeedbackFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def check_click_stamp(click_stamp: float, click_stamp_sigma: float) -> None:
@@ -169,31 +162,24 @@ class MSAM(UsesComputePath, nn.Module):
         num_clicks: int,
         detach_feedback: bool = False,
         feedback_fn: FeedbackFn | None = None,
+        pass_all_clicks: bool = False,
     ) -> torch.Tensor:
-        """The iterative click loop: encode once, then ``num_clicks`` decode steps fed back their own low-res logits.
+        """Encode once, then run the click loop (:class:`~msam_components.networks.click_loop.ClickLoop`) for
+        ``num_clicks`` steps from an empty mask prompt (as M-SAM's trainer); returns the logits after every click,
+        ``[B, num_clicks, 128, 128, 128]``.
 
-        ``click_fn(i, logits)`` returns the prompt for step ``i`` given the previous step's full-resolution logits
-        (``None`` at step 0, where the mask prompt is all zeros as in M-SAM's trainer). The raw low-res logits are fed
-        back without sigmoid or threshold and, unless ``detach_feedback``, with gradients (full backpropagation through
-        the clicks, as the reference). ``feedback_fn(i, low_res)``, if given, may replace the mask prompt before click
-        ``i`` is drawn (training recipes: start from an imperfect mask, drop the fed-back mask); the click is then drawn
-        from the replaced mask's errors. Returns the logits after every click, ``[B, num_clicks, 128, 128, 128]``.
+        ``click_fn(i, logits)`` gives step ``i``'s new click from the previous step's full-resolution logits (``None`` at
+        step 0); each decode gets that click alone or, with ``pass_all_clicks``, every click so far. The raw low-res
+        logits are fed back without sigmoid or threshold and, unless ``detach_feedback``, with gradients (full
+        backpropagation through the clicks, as the reference). ``feedback_fn(i, low_res)``, if given, may replace the
+        mask prompt before click ``i`` is drawn (training recipes); the click is then drawn from the replaced mask.
         """
         if num_clicks < 1:
             raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
         state = self.prepare_embedding(self.encode(image))
         low_res = image.new_zeros(image.shape[0], 1, *self.low_res_size)
-        full, outputs = None, []
-        for i in range(num_clicks):
-            if feedback_fn is not None:
-                fed = feedback_fn(i, low_res)
-                if fed is not low_res:
-                    low_res, full = fed, self.upsample(fed)
-            points, labels = click_fn(i, None if full is None else full.detach())
-            low_res = self.decode(state, points, labels, low_res.detach() if detach_feedback else low_res)
-            full = self.upsample(low_res)
-            outputs.append(full)
-        return torch.cat(outputs, dim=1)
+        loop = ClickLoop(pass_all_clicks, detach_feedback)
+        return torch.cat(loop.run(self, state, click_fn, num_clicks, low_res, feedback_fn), dim=1)
 
     def forward(
         self,
@@ -205,6 +191,7 @@ class MSAM(UsesComputePath, nn.Module):
         num_clicks: int = 1,
         detach_feedback: bool = False,
         feedback_fn: FeedbackFn | None = None,
+        pass_all_clicks: bool = False,
     ) -> torch.Tensor:
         """Full-resolution logits ``[B, 1, 128, 128, 128]``; a bare image (no prompt at all) also works.
 
@@ -212,7 +199,7 @@ class MSAM(UsesComputePath, nn.Module):
         one forward pass per step) and the result is ``[B, num_clicks, 128, 128, 128]``.
         """
         if click_fn is not None:
-            return self.refine(image, click_fn, num_clicks, detach_feedback, feedback_fn)
+            return self.refine(image, click_fn, num_clicks, detach_feedback, feedback_fn, pass_all_clicks)
         return self.upsample(self.decode(self.encode(image), points, point_labels, low_res_mask))
 
 

@@ -132,7 +132,9 @@ class PromptEncoder3D(nn.Module):
             return self.embed_mask(masks)
         return self.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand(batch_size, -1, *self.image_embedding_size)
 
-    def sparse_embedding(self, points: torch.Tensor | None, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+    def sparse_embedding(
+        self, points: torch.Tensor | None, labels: torch.Tensor | None, batch_size: int
+    ) -> torch.Tensor:
         """``[B, N+1, C]`` click tokens (``[B, 0, C]`` without points)."""
         if points is None:
             return self.not_a_point_embed.weight.new_zeros(batch_size, 0, self.embed_dim)

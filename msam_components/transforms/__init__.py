@@ -1,7 +1,7 @@
 """Data transforms for M-SAM: click simulation, lesion-/click-centred crops, click mapping, intensity normalisation."""
 
-from .click_sampling import PADDING_LABEL, Click, error_regions, sample_click, sample_clicks_batch
-from .click_simulator import ClickSimulator
+from ..clicks.sampling import PADDING_LABEL, Click, error_regions, sample_click, sample_clicks_batch
+from ..clicks.simulator import ClickSimulator
 from .clicks import SimulateClickd
 from .damage import DamageMaskd, damage_mask
 from .instances import ClickInstancesd, click_instances

@@ -1,6 +1,6 @@
 """MONAI dictionary transform that simulates the next interactive click and keeps the click history.
 
-It runs the same :class:`~msam_components.transforms.click_simulator.ClickSimulator` the training and evaluation
+It runs the same :class:`~msam_components.clicks.simulator.ClickSimulator` the training and evaluation
 engines use, on one sample, so a click drawn here is the click a trainer would draw (strategies, mixtures, targets).
 """
 
@@ -12,8 +12,8 @@ import torch
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import convert_to_tensor
 
-from msam_components.transforms.click_sampling import _check_threshold, _spatial
-from msam_components.transforms.click_simulator import TARGETS, ClickSimulator, check_strategy
+from ..clicks.sampling import check_threshold, spatial_volume
+from ..clicks.simulator import TARGETS, ClickSimulator, check_strategy
 
 __all__ = ["SimulateClickd"]
 
@@ -33,7 +33,7 @@ class SimulateClickd(Randomizable, MapTransform):
 
     A missing or None ``pred_key`` means "no prediction yet" (first click, inside the lesion). Padding clicks (label -1,
     point (0,0,0)) are emitted when nothing is left to correct, or for an empty lesion at the first click; see
-    :func:`~msam_components.transforms.click_sampling.sample_click`. ``strategy`` is one of ``"random"``, ``"center"``,
+    :func:`~msam_components.clicks.sampling.sample_click`. ``strategy`` is one of ``"random"``, ``"center"``,
     ``"interior"`` or a mapping of them to weights (drawn per click, as in training). Random draws come from
     ``self.R``, so ``set_random_state(seed)`` makes a sequence of calls reproducible; ``"center"`` is deterministic.
     If ``label_key`` is absent and ``allow_missing_keys`` is True the data is returned unchanged (shallow copy).
@@ -61,7 +61,7 @@ class SimulateClickd(Randomizable, MapTransform):
         check_strategy("strategy", strategy)
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-        _check_threshold(threshold, threshold_on)
+        check_threshold(threshold, threshold_on)
         self.label_key = self.keys[0]
         self.pred_key = pred_key
         self.point_key = point_key
@@ -78,9 +78,9 @@ class SimulateClickd(Randomizable, MapTransform):
         """Draw this call's click from ``data`` (label, optional pred, click history) with ``self.R`` through a
         ``ClickSimulator`` resumed from the history; ``(point [1,3], label [1], target [1,D,H,W])`` in ``self._click``.
         """
-        label = _spatial(convert_to_tensor(data[self.label_key], track_meta=False), "label")
+        label = spatial_volume(convert_to_tensor(data[self.label_key], track_meta=False), "label")
         pred = data.get(self.pred_key)
-        pred = None if pred is None else _spatial(convert_to_tensor(pred, track_meta=False), "pred")
+        pred = None if pred is None else spatial_volume(convert_to_tensor(pred, track_meta=False), "pred")
         if pred is not None and pred.shape != label.shape:
             raise ValueError(
                 f"pred spatial shape {tuple(pred.shape)} does not match label spatial shape {tuple(label.shape)}"

@@ -68,7 +68,7 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
 
 
-def _spatial(x: torch.Tensor, name: str) -> torch.Tensor:
+def spatial_volume(x: torch.Tensor, name: str) -> torch.Tensor:
     """Return the ``[D, H, W]`` view of a ``[D, H, W]`` or ``[1, D, H, W]`` tensor, rejecting any other shape."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -80,7 +80,7 @@ def _spatial(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"{name} must have shape [D,H,W] or [1,D,H,W], got {tuple(x.shape)}")
 
 
-def _check_threshold(threshold: float, threshold_on: str) -> None:
+def check_threshold(threshold: float, threshold_on: str) -> None:
     """Validate the threshold settings, naming the offending value in the error."""
     if threshold_on not in THRESHOLD_ON:
         raise ValueError(f"threshold_on must be one of {THRESHOLD_ON}, got {threshold_on!r}")
@@ -99,11 +99,11 @@ def error_regions(
     ``pred > threshold`` (``threshold_on="logits"``, the M-SAM reference) or ``sigmoid(pred) > threshold``
     (``threshold_on="probability"``, threshold in (0, 1)). ``pred=None`` means "no prediction yet" (all background).
     """
-    _check_threshold(threshold, threshold_on)
-    gt = _spatial(label, "label") > 0
+    check_threshold(threshold, threshold_on)
+    gt = spatial_volume(label, "label") > 0
     if pred is None:
         return gt.clone(), torch.zeros_like(gt)
-    p = _spatial(pred, "pred").detach()
+    p = spatial_volume(pred, "pred").detach()
     if p.shape != gt.shape:
         raise ValueError(f"pred spatial shape {tuple(p.shape)} does not match label spatial shape {tuple(gt.shape)}")
     if p.device != gt.device:

@@ -1,7 +1,7 @@
 """The click simulator of the training and evaluation loop, and the training-recipe options that make clicks matter.
 
-``ClickSimulator`` supplies each step's clicks to ``MSAM.refine`` from the errors of the previous prediction and keeps
-the click history. It is the one click simulator of the project: the engines drive it per batch, and
+``ClickSimulator`` supplies each step's new click to the click loop (``networks/click_loop.ClickLoop``, which decides
+which clicks each decode gets) from the errors of the previous prediction, and keeps the clicks it drew. It is the one click simulator of the project: the engines drive it per batch, and
 :class:`~msam_components.transforms.SimulateClickd` runs it on one sample as a MONAI transform. Besides the reference protocol (uniform clicks over all errors, only the current click passed,
 target = every lesion voxel) it holds what a recipe needs so that a model cannot score by ignoring clicks:
 
@@ -14,7 +14,7 @@ target = every lesion voxel) it holds what a recipe needs so that a model cannot
   dilated or eroded, a false-positive blob added) instead of an empty one, so the first clicks correct an existing
   mask, negative clicks included;
 * ``feedback_dropout``: a share of the fed-back masks is replaced by an empty one, so the clicks must carry the
-  segmentation on their own (with ``pass_all_clicks``).
+  segmentation on their own (with the loop's ``pass_all_clicks``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from scipy import ndimage
 
 from ..networks.click_prompt import mask_prompt
-from .click_sampling import PADDING_LABEL, STRATEGIES, sample_clicks_batch
+from .sampling import PADDING_LABEL, STRATEGIES, sample_clicks_batch
 
 __all__ = ["ClickSimulator", "TARGETS", "check_strategy", "gather_at_points"]
 
@@ -61,7 +61,7 @@ def gather_at_points(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor
 
 
 class ClickSimulator:
-    """Supplies the clicks of one batch to ``MSAM.refine``: samples from the errors and keeps the click history.
+    """Supplies the new click of each step of one batch to the click loop: samples from the errors, keeps the clicks.
 
     ``label`` is the binary lesion mask ``[B, 1, D, H, W]``; clicks are always drawn from its errors. With
     ``target="clicked"`` the per-click training targets (:meth:`target`) follow the clicks (see the module doc).
@@ -75,7 +75,6 @@ class ClickSimulator:
         first_strategy: str | Mapping[str, float] | None = None,
         threshold: float = 0.5,
         threshold_on: str = "logits",
-        pass_all_clicks: bool = False,
         target: str = "all",
         initial_mask_prob: float = 0.0,
         feedback_dropout: float = 0.0,
@@ -86,7 +85,6 @@ class ClickSimulator:
         self.strategy = check_strategy("strategy", strategy) or {"random": 1.0}
         self.first_strategy = check_strategy("first_strategy", first_strategy) or self.strategy
         self.threshold, self.threshold_on = threshold, threshold_on
-        self.pass_all_clicks = pass_all_clicks
         self.initial_mask_prob, self.feedback_dropout = float(initial_mask_prob), float(feedback_dropout)
         self.points: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
@@ -120,8 +118,6 @@ class ClickSimulator:
         if self._components is not None:
             self._select(points, labels)
             self.targets.append(self._current_target())
-        if self.pass_all_clicks:
-            return torch.cat(self.points, dim=1), torch.cat(self.labels, dim=1)
         return points, labels
 
     def _select(self, points: torch.Tensor, labels: torch.Tensor) -> None:
