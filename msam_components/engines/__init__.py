@@ -1,7 +1,8 @@
 """Ignite/MONAI engine parts: the click-loop iteration, click inferer, per-click metrics, optimiser and schedule."""
 
 from .click_effects import negative_click_effects
-from .click_inferer import ClickHistory, ClickInferer, EmbeddingCache
+from .click_inferer import ClickInferer
+from .embedding_cache import ClickHistory, EmbeddingCache
 from .click_loop_inferer import ClickLoopInferer, ClickLoopOutput, binarise
 from .click_loss import PerClickLoss, msam_loss
 from .click_metrics import ClickMetricsHandler, summarise_click_metrics
