@@ -17,6 +17,9 @@ Limits (``--conf KEY VALUE``, see ``lib/guard.py``): ``max_clicks`` (100 per inf
 stored and after resampling to the bundle's spacing), ``max_upload_mb`` (1024), ``max_params_kb`` (64),
 ``max_pending_infers`` (4 running or waiting; more get 429), ``max_train_epochs`` (100), ``max_learning_rate`` (0.1).
 
+``--studies http://127.0.0.1:8042/dicom-web`` serves a DICOMweb server's series (ids: Series Instance UIDs; a cached copy
+under ``MONAI_LABEL_DICOMWEB_CACHE_PATH``); a ``final`` label goes back to it as a DICOM-SEG (``lib/dicomweb_datastore.py``).
+
 Image ids and label tags must be single file names (no ``/``, ``\\``, ``..``, leading dot, absolute path); every read and
 write stays inside the studies folder. ``POST /train/<bundle>/restore`` serves the previous weights again.
 """
@@ -28,8 +31,8 @@ import logging
 import os
 import sys
 import threading
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
@@ -46,6 +49,7 @@ if str(APP_DIR) not in sys.path:
 from lib.bundle_infer import MSAMBundleInferTask  # noqa: E402
 from lib.bundle_train import MSAMBundleTrainTask, restore_previous, validate_train_params  # noqa: E402
 from lib.datastore import ConfinedDatastore  # noqa: E402
+from lib.dicomweb_datastore import ConfinedDICOMwebDatastore  # noqa: E402
 from lib.guard import Limits, check_name  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -92,14 +96,43 @@ class MSAMApp(MONAILabelApp):
         )
 
     def init_datastore(self) -> Datastore:
-        """A local datastore confined to the studies folder, with checked ids, tags and uploads."""
+        """A local datastore confined to the studies folder, or (``--studies http(s)://...``) a DICOMweb server's series
+        with a confined cache; both check ids, tags and uploads."""
         if self.studies.startswith(("http://", "https://")):
-            raise ValueError(f"--studies {self.studies}: this app serves a local studies folder, not a remote store")
+            return self._dicomweb_datastore(self.studies.rstrip("/").strip())
         return ConfinedDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            limits=self.limits,
+            label_values=self.label_values,
+        )
+
+    def _dicomweb_datastore(self, url: str) -> Datastore:
+        """A DICOMweb server (MONAI Label's client and ``MONAI_LABEL_DICOMWEB_*`` / ``MONAI_LABEL_QIDO_PREFIX``...
+        settings) whose series are the images; the cache is ``MONAI_LABEL_DICOMWEB_CACHE_PATH`` (default under
+        ``~/.cache/monailabel/dicom``). dcmqi comes from the app's requirements, never downloaded at start."""
+        from dicomweb_client.session_utils import create_session_from_user_pass
+        from monailabel.datastore.dicom import DICOMwebClientX
+
+        session = None
+        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+            session = create_session_from_user_pass(
+                settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+            )
+        client = DICOMwebClientX(
+            url=url,
+            session=session,
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+        )
+        cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
+        return ConfinedDICOMwebDatastore(
+            client,
+            search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+            cache_path=cache,
             limits=self.limits,
             label_values=self.label_values,
         )

@@ -26,7 +26,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from msam_components.transforms import ClickInstancesd, CropOrPadAroundClicksd, MapClicksToImaged, PasteWindowd
 from msam_components.transforms.paste import mask_volume, zero_preserving
 
-from .guard import Limits, check_voxels
+from .guard import Limits, check_voxels, result_format, write_mask
 
 logger = logging.getLogger(__name__)
 
@@ -266,8 +266,10 @@ class MSAMBundleInferTask(InferTask):
         return {k: v.clone() if isinstance(v, MetaTensor) else v for k, v in data.items()}, cached  # no cache views
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Segment ``request["image"]`` from its clicks; return a temporary NIfTI mask in the input's geometry."""
+        """Segment ``request["image"]`` from its clicks; return a temporary mask file in the input's geometry, in the
+        format the request asks for (``result_extension`` .nii.gz/.nii/.nrrd, ``result_dtype``, ``result_compress``)."""
         clicks = validate_clicks(request, self.limits.max_clicks)
+        result_ext, result_dtype, result_compress = result_format(request)  # checked before any work (400 if unknown)
         image_path = request.get("image")
         if not isinstance(image_path, str) or not os.path.isfile(image_path):
             raise HTTPException(404, f"image not found in the datastore: {request.get('image')!r}")
@@ -317,11 +319,9 @@ class MSAMBundleInferTask(InferTask):
             latency, load = time.perf_counter() - start, loaded - start
         if mask.shape != tuple(header_img.shape[:3]):
             raise HTTPException(500, f"mask shape {mask.shape} differs from the image's {header_img.shape[:3]}")
-        out = tempfile.NamedTemporaryFile(suffix=".nii.gz", prefix=f"{self.name}_", delete=False).name
-        header = header_img.header.copy()
-        header.set_data_dtype(np.uint8)
+        out = tempfile.NamedTemporaryFile(suffix=result_ext, prefix=f"{self.name}_", delete=False).name
         saving = time.perf_counter()
-        nib.save(nib.Nifti1Image(mask, header_img.affine, header), out)
+        write_mask(out, mask, header_img, result_dtype, result_compress)  # the asked format, in the input's geometry
         seconds = {"total": latency, "model_load": load, "preprocess": prepared - loaded, "model": predicted - prepared}
         # the phases of "total" (which ends before the mask is written), and the NIfTI write
         seconds |= {"postprocess": start + latency - predicted, "save": time.perf_counter() - saving}

@@ -23,7 +23,16 @@ from monailabel.utils.async_tasks.task import AsyncTask
 from starlette.concurrency import run_in_threadpool
 
 from . import stock_routes
-from .guard import check_name, check_volume, nifti_extension, parse_params, save_upload
+from .guard import (
+    NIFTI_EXTENSIONS,
+    check_name,
+    check_volume,
+    label_as_nifti,
+    label_extension,
+    nifti_extension,
+    parse_params,
+    save_upload,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +70,7 @@ def build_router() -> APIRouter:
         if session_id:
             raise HTTPException(400, "sessions are not supported by this app: put the image into the datastore first")
         if output == ResultType.dicom_seg:
-            raise HTTPException(400, "output 'dicom_seg' needs a DICOMweb datastore; this app serves local studies")
+            raise HTTPException(400, "output 'dicom_seg' is not served: save the label as 'final' to store a DICOM-SEG")
         with app.infer_slot():
             form = await _read_form(request)
             try:
@@ -97,8 +106,14 @@ def build_router() -> APIRouter:
             elif not image:
                 raise HTTPException(400, "give an image id from the datastore (?image=<id>) or upload a NIfTI file")
             if label is not None:  # "edit the current label": the clicks correct this mask instead of an empty one
-                ext = nifti_extension(label.filename, "uploaded label")
-                initial_mask = save_upload(label.file, _subfolder(folder, "label"), ext, app.limits, "uploaded label")
+                ext = label_extension(label.filename, "uploaded label")
+                sub = _subfolder(folder, "label")
+                initial_mask = save_upload(label.file, sub, ext, app.limits, "uploaded label")
+                if ext not in NIFTI_EXTENSIONS:  # a client's NRRD or raw labelmap: on the datastore image's grid
+                    if upload is not None:
+                        raise HTTPException(415, "with an uploaded image, the label must be a NIfTI file")
+                    grid = app.datastore().image_path_of(image)
+                    initial_mask = label_as_nifti(initial_mask, ext, grid, sub, app.limits, "uploaded label")
                 check_volume(initial_mask, app.limits, f"uploaded label {os.path.basename(label.filename or '')!r}")
             return app.run_infer(request, upload=upload, initial_mask=initial_mask, slot_held=True)
 
@@ -140,12 +155,14 @@ def build_router() -> APIRouter:
         tag = tag or DefaultLabelTag.FINAL.value
         check_name(tag, "label tag")
         datastore = app.datastore()
-        datastore.image_path_of(image)
-        ext = nifti_extension(label.filename, "uploaded label")
+        image_path = datastore.image_path_of(image)
+        ext = label_extension(label.filename, "uploaded label")
         if user and user.username:
             info["user"] = user.username
+        what = f"label {tag!r} of image {image!r}"
         with tempfile.TemporaryDirectory(prefix="msam_upload_") as folder:
-            path = save_upload(label.file, folder, ext, app.limits, f"label {tag!r} of image {image!r}")
+            path = save_upload(label.file, folder, ext, app.limits, what)
+            path = label_as_nifti(path, ext, image_path, folder, app.limits, what)  # NRRD (Slicer), label.bin (OHIF)
             label_id = datastore.save_label(image, path, tag, info)
         res = app.on_save_label(image, label_id) or {}
         res.update({"image": image, "label": label_id})
