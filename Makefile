@@ -77,3 +77,32 @@ label-venv: $(LABEL_STAMP) $(LABEL_LAUNCHER)
 
 test-label: $(LABEL_STAMP) $(LABEL_LAUNCHER)
 	$(LABEL_PY) -m pytest tests/test_monailabel_app.py tests/test_bbox_inversion.py $(PYTEST_ARGS)
+
+# Browser test (tests/test_browser_ohif.py): a private Orthanc with its DICOMweb plugin, the app's server with --studies
+# at it, and MONAI Label's OHIF viewer in headless Chromium driven by Selenium. Debian packages are installed only when
+# dpkg says they are missing (so a machine that has them touches no network; apt needs root, else sudo); the Python
+# pins (tests/browser/requirements.txt) go into .venv-label once. MSAM_TEST_ARTEFACTS names where the viewer
+# screenshots go (default test-artefacts/).
+BROWSER_DEBS := orthanc orthanc-dicomweb chromium chromium-driver
+BROWSER_STAMP := $(LABEL_VENV)/.browser-stamp
+BROWSER_TESTS := tests/test_browser_ohif.py $(wildcard tests/test_monailabel_dicomweb.py)
+
+.PHONY: browser-debs test-browser
+
+browser-debs:
+	@missing=""; for p in $(BROWSER_DEBS); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+		echo "installing Debian packages:$$missing"; \
+		$$sudo apt-get update -q && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(BROWSER_STAMP): $(LABEL_STAMP) tests/browser/requirements.txt
+	$(LABEL_PY) -m pip install --quiet -r tests/browser/requirements.txt
+	touch $@
+
+test-browser: browser-debs $(LABEL_STAMP) $(LABEL_LAUNCHER) $(BROWSER_STAMP)
+	SE_OFFLINE=true $(LABEL_PY) -m pytest $(BROWSER_TESTS) $(PYTEST_ARGS)
