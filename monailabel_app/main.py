@@ -17,8 +17,9 @@ Limits (``--conf KEY VALUE``, see ``lib/guard.py``): ``max_clicks`` (100 per inf
 stored and after resampling to the bundle's spacing), ``max_upload_mb`` (1024), ``max_params_kb`` (64),
 ``max_pending_infers`` (4 running or waiting; more get 429), ``max_train_epochs`` (100), ``max_learning_rate`` (0.1).
 
-``--studies http://127.0.0.1:8042/dicom-web`` serves a DICOMweb server's series (ids: Series Instance UIDs; a cached copy
-under ``MONAI_LABEL_DICOMWEB_CACHE_PATH``); a ``final`` label goes back to it as a DICOM-SEG (``lib/dicomweb_datastore.py``).
+``--studies http://127.0.0.1:8042/dicom-web`` serves a DICOMweb server's series (ids: Series Instance UIDs; cached
+under ``MONAI_LABEL_DICOMWEB_CACHE_PATH``); a ``final`` label goes back to it as a DICOM-SEG (see
+``lib/dicomweb_datastore.py``).
 
 Image ids and label tags must be single file names (no ``/``, ``\\``, ``..``, leading dot, absolute path); every read and
 write stays inside the studies folder. ``POST /train/<bundle>/restore`` serves the previous weights again.

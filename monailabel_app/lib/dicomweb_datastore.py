@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,7 @@ class ConfinedDICOMwebDatastore(ConfinedDatastore, DICOMWebDatastore):
 
     def __init__(self, client: Any, search_filter: dict[str, Any], cache_path: str | None, **kwargs: Any) -> None:
         """``kwargs``: ``limits`` and ``label_values`` as for :class:`ConfinedDatastore`."""
+        self._fetch_lock = threading.Lock()
         super().__init__(
             client=client, search_filter=search_filter, cache_path=cache_path, convert_to_nifti=True, **kwargs
         )
@@ -90,7 +92,7 @@ class ConfinedDICOMwebDatastore(ConfinedDatastore, DICOMWebDatastore):
         return kept
 
     def _download_labeled_data(self) -> None:
-        """Training reads the labels saved through this app (kept in the cache); SEGs are not fetched from the server."""
+        """Training reads the labels saved through this app (kept in the cache); SEGs are not fetched."""
 
     def get_image_uri(self, image_id: str) -> str:
         """The cached NIfTI of a listed series (fetched and converted on first use); ``""`` for an invalid id."""
@@ -101,7 +103,11 @@ class ConfinedDICOMwebDatastore(ConfinedDatastore, DICOMWebDatastore):
             return cached
         if image_id not in self.list_images():
             return ""
-        return self._fetch(image_id)
+        with self._fetch_lock:  # one fetch at a time: a second request for the series finds it cached
+            cached = self._confined(os.path.join(self._datastore.image_path(), image_id + ".nii.gz"))
+            if cached and image_id in self._datastore.objects:
+                return cached
+            return self._fetch(image_id)
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         """The cached label of an image (as the local datastore finds it, never fetched); ``""`` for an invalid id or
@@ -125,6 +131,9 @@ class ConfinedDICOMwebDatastore(ConfinedDatastore, DICOMWebDatastore):
         import SimpleITK as sitk
 
         root = self._datastore.image_path()
+        if os.path.islink(os.path.join(root, image_id)):  # a planted link is removed, never followed
+            logger.warning(f"removing the link {os.path.join(root, image_id)!r} from the cache")
+            os.remove(os.path.join(root, image_id))
         series_dir = inside(root, image_id, "image")
         found = self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
         studies = {str(pydicom.Dataset.from_json(d).get("StudyInstanceUID", "")) for d in found}
@@ -161,6 +170,10 @@ class ConfinedDICOMwebDatastore(ConfinedDatastore, DICOMWebDatastore):
                 "StudyInstanceUID": study,
                 "Modality": str(meta[0].get("Modality", "")),
             }
+            dest = os.path.join(root, image_id + ".nii.gz")
+            if os.path.islink(dest):  # the cache is the app's: a planted link is removed, never followed
+                logger.warning(f"removing the link {dest!r} from the cache (it pointed to {os.readlink(dest)!r})")
+                os.remove(dest)
             ConfinedDatastore.add_image(self, image_id, converted, info)
         finally:
             shutil.rmtree(work, ignore_errors=True)
