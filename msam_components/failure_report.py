@@ -2,10 +2,11 @@
 
 MONAI wraps a transform error in ``RuntimeError: applying transform ...`` and a config error in ``Failed to instantiate
 component ...``; ignite's engines fire ``EXCEPTION_RAISED``, where MONAI's ``StatsHandler`` logs the whole traceback,
-once per nested engine (evaluator inside trainer). The bundle configs call :func:`install_failure_report` in
-``initialize`` and put :class:`FailureReport` first in every handler list: the engines then log one line each and the
-run ends with the root reason as one line, e.g. ``ERROR: cannot read .../imaging.nii.gz: ...``; ``MSAM_DEBUG=1``
-prints the traceback above it.
+once per nested engine (evaluator inside trainer). The bundle configs call :func:`install_failure_report` from their
+``install_failure_report`` id (listed in ``initialize``) and put :class:`FailureReport` first in every handler list:
+the engines then log one line each and the run ends with the root reason as one line, e.g. ``ERROR: cannot read
+.../imaging.nii.gz: ...``; ``MSAM_DEBUG=1`` prints the traceback above it. The hook ends the process, so a program
+that embeds a bundle (the MONAI Label server) overrides ``install_failure_report`` to null and never installs it.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _report(exc_type: type[BaseException], exc: BaseException, tb: TracebackType
 
 
 def install_failure_report() -> None:
-    """Make an uncaught error end the run with its reason as the last line (call from a config's ``initialize``)."""
+    """Make an uncaught error end the process with its reason as the last line (a command-line run's ``initialize``)."""
     sys.excepthook = _report
 
 

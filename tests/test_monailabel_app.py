@@ -660,19 +660,21 @@ def test_cached_image_stage_reproduces_the_full_preprocessing(tmp_path: Path) ->
     import copy
 
     import torch
-    from monai.bundle import ConfigParser
-    from monai.transforms import Compose, SaveImaged
+    from monai.transforms import Compose
 
     sys.path.insert(0, str(REPO / "monailabel_app"))
-    from lib.bundle_infer import split_preprocessing
+    from lib.bundle_infer import task_overrides, task_parser
 
     studies, _, click = _make_inputs(tmp_path)
-    parser = ConfigParser()
-    parser.read_config([str(REPO / "bundles" / "msam_kits19" / "configs" / "inference.yaml"), str(SMALL)])
+    bundle = REPO / "bundles" / "msam_kits19"
+    parser = task_parser([str(bundle / "configs" / "inference.yaml"), str(SMALL)], task_overrides(bundle, "model.pt"))
     pre = parser.get_parsed_content("preprocessing")
-    post = Compose([t for t in parser.get_parsed_content("postprocessing").transforms if not isinstance(t, SaveImaged)])
-    image_stage, click_stage = split_preprocessing(pre)
-    assert len(image_stage.transforms) > 0 and len(click_stage.transforms) == 2
+    post = parser.get_parsed_content("postprocessing")
+    image_stage = Compose(parser.get_parsed_content("preprocessing_image"))
+    click_stage = Compose(parser.get_parsed_content("preprocessing_clicks"))
+    assert list(pre.transforms) == [*image_stage.transforms, *click_stage.transforms]  # the bundle's own instances
+    assert post.transforms[0] is parser.get_parsed_content("paste_window") and post.transforms[0].box_only
+    assert len(post.transforms) == 1 + len(parser.get_parsed_content("postprocessing_threshold"))  # no saver
     image = str(studies / "case_00000.nii.gz")
     cached = image_stage({"image": image})
     for fg, bg in (([click], []), ([click], [[click[0] + 4, click[1], click[2]]])):  # the cache is reused, unchanged
@@ -687,6 +689,44 @@ def test_cached_image_stage_reproduces_the_full_preprocessing(tmp_path: Path) ->
         inverted = [post({**d, "pred": d["image"][:1].clone()})["pred"] for d in (full, staged)]
         assert inverted[0].shape[1:] == inverted[1].shape[1:] == nib_shape(image)
         assert torch.equal(inverted[0].as_tensor(), inverted[1].as_tensor())
+
+
+def _spy_failure_report(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """Record every call of the bundles' ``install_failure_report`` (as the configs call it), installing nothing."""
+    import msam_components.failure_report
+
+    calls: list[None] = []
+    monkeypatch.setattr(msam_components.failure_report, "install_failure_report", lambda: calls.append(None))
+    return calls
+
+
+def test_the_server_never_installs_the_failure_report_excepthook(tmp_path: Path, monkeypatch) -> None:
+    """The bundles' initialize under the app's overrides never calls install_failure_report (the command line's
+    process-ending sys.excepthook), in training and in inference; without the overrides it does (the spy works)."""
+    from monai.bundle import ConfigParser, ConfigWorkflow
+
+    lib = _app_lib()
+    from lib.bundle_infer import task_overrides, task_parser
+
+    calls = _spy_failure_report(monkeypatch)
+    hook = sys.excepthook
+    bundle = REPO / "bundles" / "msam_kits19"
+    train_files = [str(bundle / "configs" / "train.yaml"), str(SMALL)]
+    override = {"bundle_root": str(bundle), "output_dir": str(tmp_path), "dataset_dir": str(tmp_path)}
+    plain = ConfigWorkflow(config_file=train_files, workflow_type="train", run_id="training", **override)
+    plain.initialize()
+    assert len(calls) == 1  # the bundle as users run it installs the failure report
+    lib.bundle_train.train_workflow(train_files, override).initialize()
+    assert len(calls) == 1 and sys.excepthook is hook
+    infer_files = [str(bundle / "configs" / "inference.yaml"), str(SMALL)]
+    plain_infer = ConfigParser()
+    plain_infer.read_config(infer_files)
+    plain_infer.get_parsed_content("install_failure_report")
+    assert len(calls) == 2
+    parser = task_parser(infer_files, task_overrides(bundle, tmp_path / "model.pt"))
+    assert parser.get_parsed_content("install_failure_report") is None
+    parser.get_parsed_content("postprocessing")  # what the task builds
+    assert len(calls) == 2 and sys.excepthook is hook
 
 
 def nib_shape(path: str) -> tuple[int, ...]:

@@ -20,32 +20,51 @@ import torch
 from fastapi import HTTPException
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import Compose, SaveImaged, Spacing, Spacingd
+from monai.transforms import Compose
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from msam_components.transforms import ClickInstancesd, CropOrPadAroundClicksd, MapClicksToImaged, PasteWindowd
-from msam_components.transforms.paste import mask_volume, zero_preserving
+from msam_components.transforms.paste import mask_volume
 
+from .bundle_train import SERVER_OVERRIDES
 from .guard import Limits, check_voxels, result_format, write_mask
 
 logger = logging.getLogger(__name__)
 
 CLICK_KEYS = ("foreground", "background")
 INITIAL_MASK = "initial_mask"  # the request key of a starting mask (an uploaded label) and the bundle's data key
-CLICK_TRANSFORMS = (MapClicksToImaged, CropOrPadAroundClicksd)
 PREPARED_IMAGES = 2  # preprocessed images kept per task (an annotator works on one image at a time)
 
 
-def split_preprocessing(preprocessing: Compose) -> tuple[Compose, Compose]:
-    """Split a bundle's preprocessing before its first click transform: an image-only stage, cacheable per file, and
-    the click-dependent rest. Without a click transform everything stays in the second stage (nothing is cached).
+def task_overrides(
+    bundle_dir: str | os.PathLike, ckpt_path: str | os.PathLike, device: str | None = None
+) -> dict[str, Any]:
+    """The values the infer task sets in the bundle's ``inference.yaml``, by id (``#`` paths), before anything is parsed.
 
-    The stages keep the original transform objects, so the bundle's ``Invertd`` (built on the whole preprocessing)
-    still inverts what they record.
+    The task answers a binary mask in the input's geometry and writes it itself: its ``postprocessing`` is the bundle's
+    ``paste_window`` and ``postprocessing_threshold`` (no ``click_instances`` numbering, no ``saver``), and the paste
+    thresholds only the window's box when the thresholds keep zero at zero. An uploaded label is in the app's
+    convention (lesion = 1). The clicks come under the app's request keys.
     """
-    transforms = list(preprocessing.flatten().transforms)
-    first = next((i for i, t in enumerate(transforms) if isinstance(t, CLICK_TRANSFORMS)), 0)
-    return Compose(transforms[:first]), Compose(transforms[first:])
+    override: dict[str, Any] = {
+        "bundle_root": str(bundle_dir),
+        "ckpt_path": str(ckpt_path),
+        "output_dir": tempfile.gettempdir(),
+        "initial_label": [1],
+        "click_keys": list(CLICK_KEYS),
+        "paste_window#box_only": "$msam_components.transforms.paste.zero_preserving(@postprocessing_threshold)",
+        "postprocessing#transforms": "$[@paste_window] + @postprocessing_threshold",
+    }
+    if device:
+        override["device"] = f"$torch.device('{device}')"
+    return {**override, **SERVER_OVERRIDES}  # e.g. no process-ending sys.excepthook from the bundle in the server
+
+
+def task_parser(config_files: Sequence[str], override: dict[str, Any]) -> ConfigParser:
+    """The bundle's configs (``inference.yaml`` plus overlays) with the task's ``override`` applied, unparsed."""
+    parser = ConfigParser()
+    parser.read_config(list(config_files))
+    parser.update(override)
+    return parser
 
 
 def bundle_label_name(metadata: dict[str, Any]) -> str:
@@ -53,16 +72,6 @@ def bundle_label_name(metadata: dict[str, Any]) -> str:
     channel_def = metadata.get("network_data_format", {}).get("outputs", {}).get("pred", {}).get("channel_def", {})
     names = [str(v) for k, v in sorted(channel_def.items(), key=lambda kv: int(kv[0])) if str(v) != "background"]
     return names[0] if names else "foreground"
-
-
-def target_spacing(preprocessing: Compose) -> Any:
-    """The voxel size (mm) that the preprocessing's first ``Spacingd``/``Spacing`` resamples to, or None."""
-    for t in preprocessing.flatten().transforms:
-        if isinstance(t, Spacingd):
-            return t.spacing_transform.pixdim
-        if isinstance(t, Spacing):
-            return t.pixdim
-    return None
 
 
 def _is_index(v: Any) -> bool:
@@ -145,9 +154,10 @@ def _root_cause(err: BaseException) -> BaseException:
 class MSAMBundleInferTask(InferTask):
     """Interactive M-SAM segmentation through one bundle's ``configs/inference.yaml`` (plus optional overlays).
 
-    Reuses the bundle's ``preprocessing``, ``network``, ``inferer`` (one ``ClickInferer`` per task, so its embedding
-    cache serves repeated requests on the same crop) and ``postprocessing`` up to thresholding (``SaveImaged`` is
-    dropped: the mask is written to a temporary NIfTI with the input's header, as MONAI Label expects).
+    Built from the bundle's config by id only (:func:`task_overrides`): ``preprocessing_image`` (cached per file),
+    ``preprocessing_clicks``, ``network``, ``inferer`` (one ``ClickInferer`` per task, so its embedding cache serves
+    repeated requests on the same crop) and ``postprocessing`` up to thresholding (the task writes the mask itself,
+    with the input's header, as MONAI Label expects).
     """
 
     def __init__(
@@ -211,35 +221,20 @@ class MSAMBundleInferTask(InferTask):
                 f"model '{self.name}' has no weights: expected a checkpoint at {self.ckpt_path} "
                 f"(put one there or start the server with --conf {self.name}_ckpt /path/to/model.pt)",
             )
-        parser = ConfigParser()
-        parser.read_config(self.config_files)
-        parser["bundle_root"] = str(self.bundle_dir)
-        parser["ckpt_path"] = str(self.ckpt_path)
-        parser["output_dir"] = tempfile.gettempdir()
-        if self.device:
-            parser["device"] = f"$torch.device('{self.device}')"
-        parser["initial_label"] = [1]  # an uploaded label is in this task's convention: the lesion is 1, as returned
-        # every setting above comes before any parsing: setting a value resets the parsed objects, and postprocessing
-        # must invert the very preprocessing instances the stages below run
-        post = parser.get_parsed_content("postprocessing")
-        # the task answers a binary label (its one label value is 1): no file writing, no instance numbering
-        transforms = [t for t in post.transforms if not isinstance(t, (SaveImaged, ClickInstancesd))]
-        if transforms and isinstance(transforms[0], PasteWindowd) and zero_preserving(transforms[1:]):
-            transforms[0].box_only = True  # threshold the window's box, paste a uint8 mask: no full-size float volume
-        preprocessing = parser.get_parsed_content("preprocessing")
-        image_stage, click_stage = split_preprocessing(preprocessing)
-        mask_stage = Compose([t for t in image_stage.transforms if INITIAL_MASK in getattr(t, "keys", ())])
+        # every value is set before anything is parsed: the postprocessing's paste inverts the very preprocessing
+        # instances that the two stages below run (the bundle's preprocessing is preprocessing_image + _clicks)
+        parser = task_parser(self.config_files, task_overrides(self.bundle_dir, self.ckpt_path, self.device))
         self._parts = {  # rebuilt when the weights file changes (e.g. after training from MONAI Label)
             "mtime": mtime,
             "device": parser.get_parsed_content("device"),
-            "preprocessing": preprocessing,
-            "image_stage": image_stage,
-            "mask_stage": mask_stage,
-            "click_stage": click_stage,
+            "pixdim": parser.get_parsed_content("pixdim"),
+            "preprocessing": parser.get_parsed_content("preprocessing"),
+            "image_stage": Compose(parser.get_parsed_content("preprocessing_image")),
+            "click_stage": Compose(parser.get_parsed_content("preprocessing_clicks")),
             "prepared_images": OrderedDict(),
             "network": parser.get_parsed_content("network"),
             "inferer": parser.get_parsed_content("inferer"),
-            "postprocessing": Compose(transforms),
+            "postprocessing": parser.get_parsed_content("postprocessing"),
         }
         logger.info(f"M-SAM task {self.name}: loaded {self.ckpt_path} from {self.config_files}")
         return self._parts
@@ -250,18 +245,20 @@ class MSAMBundleInferTask(InferTask):
     ) -> tuple[dict[str, Any], bool]:
         """The bundle's preprocessing; its image-only stage is cached per file (path, mtime, size), so a click on the
         same image skips loading, reorientation and resampling. A starting mask (``mask_path``, already checked to be
-        on the image's grid) goes through the image stage's transforms that name it, then is cropped with the image.
-        Returns the data and whether the cache served the image."""
+        on the image's grid) goes through the image stage with its image (which refreshes the cache), then is cropped
+        with the image. Returns the data and whether the cache served the image."""
         stat = os.stat(image_path)
         key = (image_path, stat.st_mtime_ns, stat.st_size)
         cache = parts["prepared_images"]
-        cached = key in cache
+        cached = key in cache and not mask_path
+        mask = {}
         if not cached:
-            cache[key] = parts["image_stage"]({"image": image_path})
+            prepared = parts["image_stage"]({"image": image_path, **({INITIAL_MASK: mask_path} if mask_path else {})})
+            mask = {INITIAL_MASK: prepared.pop(INITIAL_MASK)} if mask_path else {}
+            cache[key] = prepared
             while len(cache) > PREPARED_IMAGES:
                 cache.popitem(last=False)
         cache.move_to_end(key)
-        mask = parts["mask_stage"]({INITIAL_MASK: mask_path}) if mask_path else {}
         data = parts["click_stage"]({**share_voxels(cache[key]), **mask, **clicks})
         return {k: v.clone() if isinstance(v, MetaTensor) else v for k, v in data.items()}, cached  # no cache views
 
@@ -286,8 +283,7 @@ class MSAMBundleInferTask(InferTask):
         with self._lock:
             start = time.perf_counter()
             parts = self._build()
-            pixdim = target_spacing(parts["image_stage"])
-            check_voxels(header_img.shape, header_img.header.get_zooms(), self.limits, what, pixdim)
+            check_voxels(header_img.shape, header_img.header.get_zooms(), self.limits, what, parts["pixdim"])
             loaded = time.perf_counter()
             misses = parts["inferer"].cache.misses
             try:

@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,17 @@ TRAIN_KEYS = ("max_epochs", "val_fraction", "learning_rate")
 INTERNAL_KEYS = ("model", "gpus", "bundle_path", "local_rank")  # added by MONAI Label on the way to the task
 MAX_VALUE_CHARS = 64
 BACKUP_SUFFIX = ".prev"
+# what the server sets in every bundle config it runs, by id: the bundle's initialize then installs no
+# process-ending sys.excepthook (the command line's failure report) in the server
+SERVER_OVERRIDES: dict[str, Any] = {"install_failure_report": None}
+
+
+def train_workflow(config_files: list[str], override: dict[str, Any]) -> ConfigWorkflow:
+    """The bundle's ``train.yaml`` (plus overlays) as a training ``ConfigWorkflow`` with ``override`` (ids or ``#``
+    paths) and :data:`SERVER_OVERRIDES` applied; nothing is initialized yet."""
+    return ConfigWorkflow(
+        config_file=config_files, workflow_type="train", run_id="training", **{**override, **SERVER_OVERRIDES}
+    )
 
 
 def validate_train_params(
@@ -197,12 +207,8 @@ class MSAMBundleTrainTask(TrainTask):
         files = [str(self.bundle_dir / "configs" / "train.yaml"), *self.overlays]
         logger.info(f"training {self.bundle_dir.name} on {len(items)} labelled images with {params}")
         try:
-            workflow = ConfigWorkflow(config_file=files, workflow_type="train", run_id="training", **override)
-            hook = sys.excepthook
-            try:
-                workflow.initialize()
-            finally:  # the bundle's initialize installs the CLI's process-ending excepthook: never in the server
-                sys.excepthook = hook
+            workflow = train_workflow(files, override)
+            workflow.initialize()  # without the bundle's failure report (SERVER_OVERRIDES)
             train_cases, val_cases = workflow.parser.get_parsed_content("data_split")
             if not train_cases or not val_cases:
                 raise HTTPException(
