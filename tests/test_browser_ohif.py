@@ -10,11 +10,10 @@ then holds. Run with ``make test-browser`` (it installs Orthanc, Chromium and th
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,10 +31,10 @@ from dicomweb_fixtures import (
     series_geometry,
     write_series,
 )
+from label_server import MODEL, box_weights, label_server, model_window
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_BIN = REPO / ".venv-label" / "bin"
-SMALL = REPO / "tests" / "configs" / "small_bundle.yaml"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROME_FLAGS = (
@@ -47,9 +46,6 @@ CHROME_FLAGS = (
     "--window-size=1400,900",
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # the page reaches nothing off this machine (fonts)
 )
-MODEL = "msam_kits19"
-BARE_PATH = "/usr/bin:/bin"
-START_TIMEOUT_S = 180
 PAGE_TIMEOUT_S = 90
 REQUEST_TIMEOUT_S = 180
 CLICK_FRACTIONS = (0.3, 0.65, 0.35)  # the click, as a fraction of each axis: off-centre, so a flipped axis shows
@@ -78,99 +74,6 @@ def artefact_dir() -> Path:
     folder = Path(os.environ.get("MSAM_TEST_ARTEFACTS") or REPO / "test-artefacts")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def _free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def box_checkpoint(path: Path) -> Path:
-    """Weights of the tiny test network (``small_bundle.yaml``) whose mask decoder answers "tumour" everywhere.
-
-    The served mask is then exactly the model's window, which the app centres on the first foreground click: where it
-    lands in the returned volume says whether the page's click index and the app's voxel index agree (random weights
-    would put foreground anywhere or nowhere). Only the last upscaling layer and the hypernetworks' last layers are
-    changed, so the whole pipeline (encoder, prompt encoder, MEA, decoder, resampling, paste-back) still runs.
-    """
-    import torch
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(REPO / "bundles" / MODEL / "configs" / "inference.yaml"), str(SMALL)])
-    torch.manual_seed(0)
-    net = parser.get_parsed_content("network_def")
-    decoder = net.mask_decoder
-    with torch.no_grad():
-        decoder.output_upscaling[-2].weight.zero_()
-        decoder.output_upscaling[-2].bias.fill_(1.0)
-        for mlp in decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.zero_()
-            mlp.layers[-1].bias.fill_(1.0)
-    torch.save(net.state_dict(), path)
-    return path
-
-
-def model_grid() -> tuple[float, float]:
-    """The test overlay's model window: (edge in mm, voxel size in mm) from ``image_size`` and ``pixdim``."""
-    import yaml
-
-    conf = yaml.safe_load(SMALL.read_text())
-    pixdim = float(np.max(np.atleast_1d(conf["pixdim"])))
-    return float(conf["image_size"]) * pixdim, pixdim
-
-
-def start_label_server(root: Path, studies_url: str, ckpt: Path) -> tuple[subprocess.Popen, str, Any]:
-    """The app's server started with the README's command (no venv on PATH), ``--studies`` at a DICOMweb root."""
-    import httpx
-    from test_monailabel_app import readme_start_command
-
-    port = _free_port()
-    values = {"/data/images": studies_url, "8000": str(port), "/weights/msam_kits19.pt": str(ckpt)}
-    cmd = [values.get(a, a) for a in readme_start_command()]
-    assert studies_url in cmd and str(port) in cmd, f"README start command has no --studies/--port to set: {cmd}"
-    cmd += ["--conf", "models", MODEL, "--conf", "overlay", str(SMALL), "--conf", "device", "cpu"]
-    (root / "tmp").mkdir(exist_ok=True)
-    env = {
-        "PATH": BARE_PATH,
-        "HOME": str(root),
-        "TMPDIR": str(root / "tmp"),
-        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
-        "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
-        "OMP_NUM_THREADS": "2",
-    }
-    log_path = root / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            log.close()
-            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base}/info/", timeout=5).status_code == 200:
-                return proc, base, log
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            stop_process(proc)
-            log.close()
-            pytest.fail(f"server not up in {START_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
-        time.sleep(1)
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """Terminate a process this test started, killing it if it does not stop in 20 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
 
 
 def start_chromium(profile: Path) -> Any:
@@ -315,16 +218,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """A private Orthanc holding the whole shared CT (198x202x59, so the model window fits inside it) as one axial
     series, the app's server with ``--studies`` at its DICOMweb root (box weights), and a headless Chromium."""
     root = tmp_path_factory.mktemp("browser")
-    ckpt = box_checkpoint(root / "box.pt")
+    ckpt = box_weights(root / "box.pt")
     orthanc = Orthanc(root / "orthanc").start()
-    proc = log = driver = None
+    driver = None
+    server = contextlib.ExitStack()
     try:
         volume, spacing = ct_volume(nib_shape(SHARED_CT), step=(1, 1, 1))
         stamp = f"{int(time.time())}{os.getpid() % 10000}"
         study, series = new_uid(f"7.{stamp}"), new_uid(f"8.{stamp}")
         orthanc.upload(write_series(root / "dicom", "axial", study, series, volume, spacing))
         geometry = series_geometry(orthanc.url, study, series)
-        proc, base, log = start_label_server(root, orthanc.url, ckpt)
+        base = server.enter_context(label_server(root, orthanc.url, ckpt))
         (root / "profile").mkdir()
         driver = start_chromium(root / "profile")
         yield {
@@ -341,9 +245,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     finally:
         if driver is not None:
             driver.quit()
-        if proc is not None:
-            stop_process(proc)
-            log.close()
+        server.close()
+        if (root / "server.log").exists():
             shutil.copy(root / "server.log", artefact_dir() / "browser_test_server.log")
         orthanc.stop()
 
@@ -443,7 +346,7 @@ def test_panel_point_prompt_returns_nrrd_mask_at_the_click(stack: dict) -> None:
     # OHIF's volume is the series as DICOM lays it out, so the panel's click index is this voxel
     assert volume["dims"] == list(geometry.dims), (volume, geometry.dims)
     assert volume["index"] == list(click), f"OHIF's worldToIndex of voxel {click}'s position: {volume['index']}"
-    edge_mm, model_voxel_mm = model_grid()
+    edge_mm, model_voxel_mm = model_window()
     half = edge_mm / 2 / geometry.spacing()
     assert np.all(np.array(click) - half >= 0) and np.all(
         np.array(click) + half < np.array(geometry.dims)

@@ -13,8 +13,6 @@ import gzip
 import io
 import json
 import os
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,17 +24,13 @@ from dicomweb_fixtures import (  # noqa: F401
     SHARED_CT,
     SeriesGeometry,
     dicomweb,
-    free_port,
     orthanc_available,
     series_geometry,
 )
+from label_server import MODEL, box_weights, label_server, model_window
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_BIN = REPO / ".venv-label" / "bin"
-SMALL = REPO / "tests" / "configs" / "small_bundle.yaml"
-MODEL = "msam_kits19"
-BARE_PATH = "/usr/bin:/bin"
-START_TIMEOUT_S = 180
 CLICK_FRACTIONS = (0.3, 0.65, 0.35)  # off-centre on every axis, so a flipped axis shows
 
 pytestmark = [
@@ -46,87 +40,18 @@ pytestmark = [
 ]
 
 
-def box_weights(path: Path) -> Path:
-    """Tiny-network weights whose mask decoder says "tumour" everywhere (only its last layers changed): the mask is
-    then exactly the model window around the first click, a deterministic stand-in for a trained model."""
-    import torch
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(REPO / "bundles" / MODEL / "configs" / "inference.yaml"), str(SMALL)])
-    torch.manual_seed(0)
-    net = parser.get_parsed_content("network_def")
-    with torch.no_grad():
-        net.mask_decoder.output_upscaling[-2].weight.zero_()
-        net.mask_decoder.output_upscaling[-2].bias.fill_(1.0)
-        for mlp in net.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.zero_()
-            mlp.layers[-1].bias.fill_(1.0)
-    torch.save(net.state_dict(), path)
-    return path
-
-
-def model_window() -> tuple[float, float]:
-    """The test model's window edge and voxel size (mm), from the overlay's ``image_size`` and ``pixdim``."""
-    import yaml
-
-    conf = yaml.safe_load(SMALL.read_text())
-    pixdim = float(np.max(np.atleast_1d(conf["pixdim"])))
-    return float(conf["image_size"]) * pixdim, pixdim
-
-
 @pytest.fixture(scope="module")
 def server(
     dicomweb: dict, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:  # noqa: F811 - the imported fixture
     """The app's server, started with the README's command (no venv on PATH), ``--studies`` at Orthanc's DICOMweb root
     and its cache in a temporary folder."""
-    import httpx
-    from test_monailabel_app import readme_start_command
-
     root = tmp_path_factory.mktemp("label_dicomweb")
-    ckpt = box_weights(root / "box.pt")
-    port = free_port()
-    values = {"/data/images": dicomweb["url"], "8000": str(port), "/weights/msam_kits19.pt": str(ckpt)}
-    cmd = [values.get(a, a) for a in readme_start_command()]
-    assert dicomweb["url"] in cmd, f"README start command has no --studies to set: {cmd}"
-    cmd += ["--conf", "models", MODEL, "--conf", "overlay", str(SMALL), "--conf", "device", "cpu"]
     cache = root / "cache"
-    (root / "tmp").mkdir()
-    env = {
-        "PATH": BARE_PATH,
-        "HOME": str(root),
-        "TMPDIR": str(root / "tmp"),
-        "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(cache),
-        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
-        "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
-        "OMP_NUM_THREADS": "2",
-    }
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{(root / 'server.log').read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base}/info/", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not up in {START_TIMEOUT_S}s:\n{(root / 'server.log').read_text()[-4000:]}")
-            time.sleep(1)
+    with label_server(
+        root, dicomweb["url"], box_weights(root / "box.pt"), {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(cache)}
+    ) as base:
         yield {**dicomweb, "base": base, "root": root, "cache": cache}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
-        log.close()
 
 
 def infer(server: dict, series: str, params: dict[str, Any]) -> Any:
