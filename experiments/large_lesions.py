@@ -88,7 +88,9 @@ def main() -> int:
     band = "the inferer's default" if args.grow_band is None else args.grow_band
     print(f"\n{args.cases} cases, one tumour of mean length {length:.0f} mm along z, one click; checkpoint {args.ckpt}")
     print(f"grow_band: {band}")
-    print("| case | tumour length (mm) | grow_windows | windows added | mask z extent (mm) | coverage | precision | Dice |")
+    print(
+        "| case | tumour length (mm) | grow_windows | windows added | mask z extent (mm) | coverage | precision | Dice |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for grow, r in rows.items():
         mean = {k: float(np.mean([x[k] for x in r])) for k in r[0]}
