@@ -26,7 +26,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from msam_components.transforms.paste import mask_volume
 
 from .bundle_train import SERVER_OVERRIDES
-from .guard import Limits, check_voxels, result_format, write_mask
+from .file_formats import result_format, write_mask
+from .guard import Limits, check_voxels
 
 logger = logging.getLogger(__name__)
 

@@ -23,16 +23,8 @@ from monailabel.utils.async_tasks.task import AsyncTask
 from starlette.concurrency import run_in_threadpool
 
 from . import stock_routes
-from .guard import (
-    NIFTI_EXTENSIONS,
-    check_name,
-    check_volume,
-    label_as_nifti,
-    label_extension,
-    nifti_extension,
-    parse_params,
-    save_upload,
-)
+from .file_formats import label_as_nifti, label_extension
+from .guard import NIFTI_EXTENSIONS, check_name, check_volume, nifti_extension, parse_params, save_upload
 
 logger = logging.getLogger(__name__)
 
