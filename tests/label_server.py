@@ -1,23 +1,41 @@
-"""The MONAI Label app's server as the tests start it against a DICOMweb store: the README's start command, a bare
-PATH, the tiny test bundle with "box" weights (the mask is the model window around the click), stopped by PID."""
+"""The MONAI Label app's server as the tests start it: the README's start command exactly, a bare PATH (no venv on it),
+the tiny test bundle, stopped by PID; and the "box" weights (the mask is the model window around the click) the
+DICOMweb and browser tests serve."""
 
 from __future__ import annotations
 
 import contextlib
+import re
+import shlex
+import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
-from dicomweb_fixtures import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = REPO / "tests" / "configs" / "small_bundle.yaml"
 MODEL = "msam_kits19"
-BARE_PATH = "/usr/bin:/bin"
+BARE_PATH = "/usr/bin:/bin"  # no venv on PATH: the README's start command must work without activating it
 START_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def readme_start_command() -> list[str]:
+    """The server start command exactly as the README's MONAI Label section shows it."""
+    text = (REPO / "README.md").read_text()
+    match = re.search(r"^(\.venv-label/bin/monailabel start_server .*?)(?<!\\)\n", text, re.M | re.S)
+    assert match, "README has no `.venv-label/bin/monailabel start_server` command"
+    return shlex.split(match.group(1).replace("\\\n", " "))
 
 
 def box_weights(path: Path) -> Path:
@@ -65,17 +83,25 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def label_server(root: Path, studies_url: str, ckpt: Path, extra_env: dict[str, str] | None = None) -> Iterator[str]:
-    """Run the server (``--studies`` at ``studies_url``, weights ``ckpt``, log ``root/server.log``) for the block;
-    yields its base URL. Fails the test, with the log's end, if it exits or is not up in ``START_TIMEOUT_S``."""
+def label_server(
+    root: Path,
+    studies: str,
+    ckpt: Path,
+    extra_env: dict[str, str] | None = None,
+    extra_conf: Sequence[str] = (),
+    models: str | None = MODEL,
+) -> Iterator[str]:
+    """Run the server (``--studies`` at ``studies``, kits19 weights ``ckpt``, the tiny overlay, log
+    ``root/server.log``) for the block and yield its base URL; ``models`` None serves what the README's command does.
+    Fails the test, with the log's end, if the server exits or is not up in ``START_TIMEOUT_S``."""
     import httpx
-    from test_monailabel_app import readme_start_command
 
     port = free_port()
-    values = {"/data/images": studies_url, "8000": str(port), "/weights/msam_kits19.pt": str(ckpt)}
+    values = {"/data/images": studies, "8000": str(port), "/weights/msam_kits19.pt": str(ckpt)}
     cmd = [values.get(a, a) for a in readme_start_command()]
-    assert studies_url in cmd and str(port) in cmd, f"README start command has no --studies/--port to set: {cmd}"
-    cmd += ["--conf", "models", MODEL, "--conf", "overlay", str(SMALL), "--conf", "device", "cpu"]
+    assert studies in cmd and str(port) in cmd, f"README start command has no --studies/--port to set: {cmd}"
+    cmd += ([] if models is None else ["--conf", "models", models]) + ["--conf", "overlay", str(SMALL)]
+    cmd += ["--conf", "device", "cpu", *extra_conf]
     (root / "tmp").mkdir(exist_ok=True)
     env = {
         "PATH": BARE_PATH,

@@ -5,11 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
-import shlex
 import shutil
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -18,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from label_server import label_server
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_BIN = REPO / ".venv-label" / "bin"
 SMALL = REPO / "tests" / "configs" / "small_bundle.yaml"
-START_TIMEOUT_S = 180
 REQUEST_TIMEOUT_S = 120
-BARE_PATH = "/usr/bin:/bin"  # no venv on PATH: the README's start command must work without activating it
 LIMITS = {"max_clicks": "20", "max_upload_mb": "2", "max_train_epochs": "3", "max_pending_infers": "2"}
 BIG_SHAPE = (320, 320, 240)  # a study whose first click takes a while (load and resampling), for the stall test
 
@@ -38,13 +33,6 @@ pytestmark = [
         reason="needs httpx (installed in .venv-label); run with `make test-label`",
     ),
 ]
-
-
-def _free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _make_inputs(root: Path) -> tuple[Path, Path, list[int]]:
@@ -73,14 +61,6 @@ def _make_inputs(root: Path) -> tuple[Path, Path, list[int]]:
     return studies, ckpt, click
 
 
-def readme_start_command() -> list[str]:
-    """The server start command exactly as the README's MONAI Label section shows it."""
-    text = (REPO / "README.md").read_text()
-    match = re.search(r"^(\.venv-label/bin/monailabel start_server .*?)(?<!\\)\n", text, re.M | re.S)
-    assert match, "README has no `.venv-label/bin/monailabel start_server` command"
-    return shlex.split(match.group(1).replace("\\\n", " "))
-
-
 def _write_volume(
     path: Path, shape: tuple[int, ...], zooms: tuple[float, ...] = (1.0, 1.0, 1.0), seed: int = 0
 ) -> Path:
@@ -96,7 +76,6 @@ def _write_volume(
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """A server started with the README's command (no venv on PATH) on 127.0.0.1, serving the repo's bundles with the
     tiny kits19 checkpoint and small caps; stopped afterwards."""
-    import httpx
     import nibabel as nib
 
     root = tmp_path_factory.mktemp("label")
@@ -114,37 +93,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     shutil.copy(studies / "case_00001.nii.gz", studies / "case_00003.nii.gz")  # a real image whose label links out
     (studies / "labels" / "final" / "case_00003.nii.gz").symlink_to(root / "outside" / "secret_label.nii.gz")
     nib.save(nib.Nifti1Image(big, np.eye(4)), str(studies / "big_case_2.nii"))  # first clicked in the rate-limit test
-    port = _free_port()
-    cmd = readme_start_command()
-    values = {"/data/images": str(studies), "8000": str(port), "/weights/msam_kits19.pt": str(ckpt)}
-    cmd = [values.get(a, a) for a in cmd]
-    cmd += ["--conf", "overlay", str(SMALL), "--conf", "device", "cpu"]
-    for key, value in LIMITS.items():
-        cmd += ["--conf", key, value]
-    env = {
-        "PATH": BARE_PATH,
-        "HOME": str(root),
-        "TMPDIR": str(root / "tmp"),
-        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
-        "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",  # sessions stay as the README's command leaves them
-        "OMP_NUM_THREADS": "2",
-    }
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{(root / 'server.log').read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base}/info/", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not up in {START_TIMEOUT_S}s:\n{(root / 'server.log').read_text()[-4000:]}")
-            time.sleep(1)
+    limits = [arg for key, value in LIMITS.items() for arg in ("--conf", key, value)]
+    with label_server(root, str(studies), ckpt, extra_conf=limits, models=None) as base:
         yield {
             "base": base,
             "image": studies / "case_00000.nii.gz",
@@ -154,14 +104,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             "studies": studies,
             "tmp_at_start": {p.name for p in (root / "tmp").iterdir()},  # the server's log config
         }
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
-        log.close()
 
 
 def _infer(server: dict, params: dict | str, model: str = "msam_kits19"):
