@@ -10,6 +10,7 @@ where the mask lands says whether OHIF's voxel index (slices sorted along the no
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import io
 import json
 import os
@@ -35,6 +36,10 @@ CLICK_FRACTIONS = (0.3, 0.65, 0.35)  # off-centre on every axis, so a flipped ax
 
 pytestmark = [
     pytest.mark.skipif(not (LABEL_BIN / "monailabel").exists(), reason="needs .venv-label (make label-venv)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("httpx") is None,
+        reason="needs httpx (installed in .venv-label); run with `make test-browser`",
+    ),
     pytest.mark.skipif(not orthanc_available(), reason=ORTHANC_SKIP_REASON),
     pytest.mark.skipif(not SHARED_CT.exists(), reason=f"shared test data not found at {SHARED_CT}"),
 ]
